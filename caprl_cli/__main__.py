@@ -1,0 +1,5 @@
+"""Allow `python -m caprl_cli`."""
+
+from caprl_cli.cli import main
+
+main()

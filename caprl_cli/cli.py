@@ -1,0 +1,152 @@
+"""Command line: parse options into settings, run, report. Nothing heavy is imported at module level,
+so `caprl --help` answers at once on a machine where importing vLLM takes seconds.
+
+Exit codes: 0 complete, 1 failed, 2 usage error, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from caprl_cli import __version__
+from caprl_cli.errors import UsageError
+from caprl_cli.settings import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    ENGINES,
+    OUTPUT_FORMATS,
+    CaptionSettings,
+    default_workers,
+    output_format_for,
+    validate_settings,
+)
+from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+
+log = logging.getLogger("caprl")
+
+
+def env(name: str) -> str:
+    """Every option can also be set as CAPRL_<OPTION>."""
+    return f"CAPRL_{name.upper().replace('-', '_')}"
+
+
+def option(*decls: str, **kwargs: Any) -> Any:
+    """click.option with the CAPRL_<OPTION> environment variable wired in and shown in --help."""
+    long_name = next(d for d in decls if d.startswith("--")).split("/")[0][2:]
+    return click.option(*decls, envvar=env(long_name), show_envvar=True, **kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="caprl")
+def cli() -> None:
+    """Caption large image collections with CapRL models (offline vLLM) into Parquet or JSONL."""
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (.parquet or .jsonl).")
+@option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's extension.")
+@option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local model folder.")
+@option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
+@option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="User instruction sent with each image.")
+@option("--system-prompt", default=None, help="System turn; default: none, as CapRL captions.")
+@option("--max-tokens", default=2048, show_default=True, type=int, help="Longest caption, in tokens.")
+@option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature (0: greedy).")
+@option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold.")
+@option("--seed", default=0, show_default=True, type=int, help="Run seed; each image is sampled from (seed, key).")
+@option("--min-pixels", default=DEFAULT_MIN_PIXELS, show_default=True, type=int, help="Smallest image area fed to the model.")
+@option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Largest image area fed to the model (1280*28*28: 1280 visual tokens).")
+@option("--max-image-pixels", default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True, type=int, help="Refuse (never decode) images with more pixels than this.")
+@option("--engine", default="vllm", show_default=True, type=click.Choice(ENGINES, case_sensitive=False), help="Inference engine.")
+@option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
+@option("--max-model-len", default=None, type=int, help="Context length; default: one image at --max-pixels plus --max-tokens.")
+@option("--gpu-memory-utilization", default=0.9, show_default=True, type=float, help="Share of GPU memory vLLM may use.")
+@option("--batch-size", default=None, type=int, help="Images decoded together (vLLM: max concurrent sequences; transformers: generate batch, default 8).")
+@option("--workers", default=None, type=int, help="Image preprocessing processes; default: CPU cores - 1, at most 8.")
+@option("--limit", default=None, type=int, help="Caption only the first N images (in key order).")
+@option("--overwrite", is_flag=True, default=False, help="Replace an existing output.")
+@option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (log lines when stderr is not a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine's own logs.")
+def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) -> int:
+    """Caption the images in INPUT (folders, walked recursively, or image files) into OUTPUT."""
+    configure_logging(quiet, verbose)
+    output: Path = options.pop("output")
+    output_format = output_format_for(output, options.pop("output_format"))
+    workers = options.pop("workers")
+    settings = CaptionSettings(
+        inputs=inputs,
+        output=output,
+        output_format=output_format.lower(),
+        engine=options.pop("engine").lower(),
+        workers=default_workers() if workers is None else workers,
+        **options,
+    )
+    validate_settings(settings)
+    from caprl_cli.runner import run_caption
+
+    report = run_caption(settings)
+    counts = report.counts
+    rate = counts.images / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    message = (
+        f"captioned {counts.ok} of {counts.images} images into {report.output} "
+        f"in {report.elapsed_s:.1f}s ({rate:.2f} images/s)"
+    )
+    if counts.errors:
+        by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.errors_by_kind.items()))
+        message += f"; {counts.errors} error rows ({by_kind})"
+    if not quiet:
+        click.echo(f"caprl: {message}", err=True)
+    return EXIT_OK
+
+
+def configure_logging(quiet: bool, verbose: int) -> None:
+    """caprl's own log lines on stderr; engine libraries stay quiet unless -vv."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="caprl: %(message)s", stream=sys.stderr, force=True)
+    library_level = "INFO" if verbose >= 2 else "ERROR"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", library_level)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level.lower())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose < 2:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def fail(message: str, code: int) -> int:
+    """One line on stderr, nothing else."""
+    click.echo(f"caprl: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: map every way a run can end onto an exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="caprl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # bad option, missing argument
+        code = fail(exc.format_message(), EXIT_USAGE)
+    except UsageError as exc:
+        code = fail(str(exc), EXIT_USAGE)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        code = fail("interrupted", EXIT_SIGINT)
+    except Exception as exc:
+        if logging.getLogger("caprl").isEnabledFor(logging.DEBUG):
+            raise
+        code = fail(f"{exc}", EXIT_FAILED)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

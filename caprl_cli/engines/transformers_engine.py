@@ -1,0 +1,154 @@
+"""Hugging Face transformers: batched `generate` for machines without vLLM.
+
+Batched sampling in `generate` draws from one global random stream, so a caption would depend on its
+batch. Instead a logits processor samples each row with its own generator, seeded from the run seed
+and the image key, and hands `generate` a one-hot choice to take greedily: the same image gets the same
+caption whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, finish_reason_of
+from caprl_cli.preprocess import Prepared
+from caprl_cli.seeding import request_seed
+
+DEFAULT_BATCH_SIZE = 8
+
+
+def seeded_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
+    """A LogitsProcessor that samples every row from its own seeded generator (see module doc)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class SeededSampler(LogitsProcessor):
+        def __init__(self) -> None:
+            self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            if top_p < 1.0:
+                probs = _top_p_filter(torch, probs, top_p)
+            probs = probs.cpu()
+            choices = torch.stack(
+                [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)]
+            ).to(scores.device)
+            forced = torch.full_like(scores, float("-inf"))
+            return forced.scatter_(1, choices, 0.0)
+
+    return SeededSampler()
+
+
+def _top_p_filter(torch: Any, probs: Any, top_p: float) -> Any:
+    """Keep the smallest set of tokens whose probability reaches top_p, renormalised."""
+    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    drop_sorted = (cumulative - sorted_probs) >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop_sorted, 0.0)
+    kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+class TransformersEngine(Engine):
+    """CapRL captioning with `AutoModelForImageTextToText.generate`."""
+
+    name = "transformers"
+
+    def __init__(self, spec: EngineSpec) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.spec = spec
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
+        self.processor = AutoProcessor.from_pretrained(spec.model_path)
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            spec.model_path, dtype=self._torch_dtype(torch, spec.dtype)
+        ).to(self.device)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(token) for token in eos_ids if token is not None}
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = next(iter(self.eos_ids))
+
+    def _torch_dtype(self, torch: Any, dtype: str) -> Any:
+        if dtype == "auto":
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        try:
+            return getattr(torch, {"half": "float16", "float": "float32"}.get(dtype, dtype))
+        except AttributeError:
+            raise ValueError(f"unknown dtype {dtype!r}") from None
+
+    @property
+    def version(self) -> str:
+        import transformers
+
+        return f"transformers {transformers.__version__}"
+
+    def caption(self, items: Iterable[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
+        source = iter(items)
+        while batch := list(islice(source, self.batch_size)):
+            yield from self._caption_batch(batch)
+
+    def _caption_batch(self, batch: list[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
+        try:
+            captions = self._generate(batch)
+        except Exception as exc:
+            if len(batch) > 1:  # find the one request that fails, caption the rest
+                for item in batch:
+                    yield from self._caption_batch([item])
+                return
+            captions = [Caption.failed(f"{type(exc).__name__}: {exc}")]
+        yield from zip(batch, captions)
+
+    def _generate(self, batch: list[Prepared]) -> list[Caption]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        spec = self.spec
+        inputs = self.processor(
+            text=[spec.prompt_text] * len(batch),
+            images=[item.image for item in batch],
+            size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        sampling = spec.sampling
+        processors = LogitsProcessorList()
+        if sampling.temperature > 0:
+            seeds = [request_seed(sampling.seed, item.sample.key) for item in batch]
+            processors.append(seeded_sampler(seeds, sampling.temperature, sampling.top_p))
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs,
+                max_new_tokens=sampling.max_tokens,
+                do_sample=False,
+                logits_processor=processors,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        return [self._caption_of(tokens, int(length)) for tokens, length in zip(new_tokens, prompt_lengths)]
+
+    def _caption_of(self, tokens: list[int], prompt_tokens: int) -> Caption:
+        stop_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        kept = tokens if stop_at is None else tokens[: stop_at + 1]
+        text = self.processor.tokenizer.decode(
+            kept if stop_at is None else kept[:-1], skip_special_tokens=True
+        )
+        return Caption(
+            text=text,
+            finish_reason=finish_reason_of(stop_at is not None),
+            prompt_tokens=prompt_tokens,
+            output_tokens=len(kept),
+        )
+
+    def close(self) -> None:
+        self.model = None

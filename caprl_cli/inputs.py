@@ -1,0 +1,90 @@
+"""Turn INPUT arguments into samples: which images exist and what each one is called.
+
+Listing never opens an image; it only decides keys (the path relative to the input root, POSIX, with
+extension) and sources. Keys are what later stages, outputs and resumed runs match on, so they must be
+stable across runs and unique within one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from caprl_cli.errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to caption. `path` is read by a preprocessing worker; `data` is already in memory."""
+
+    key: str
+    source: str
+    path: str | None = None
+    data: bytes | None = None
+    meta: str | None = None
+
+
+def is_image_name(name: str) -> bool:
+    """True for file names with a supported image extension, in any case."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files, including macOS `._*` resource forks and `.DS_Store`, are never inputs."""
+    return name.startswith(".")
+
+
+def walk_images(root: Path) -> Iterator[Path]:
+    """Yield image files under `root` in sorted order, skipping hidden files and folders."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise UsageError(f"cannot list {root}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if is_hidden(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=True):
+            yield from walk_images(Path(entry.path))
+        elif entry.is_file(follow_symlinks=True) and is_image_name(entry.name):
+            yield Path(entry.path)
+
+
+def folder_samples(root: Path) -> Iterator[Sample]:
+    """Samples for every image under a folder, keyed by their path relative to it."""
+    for path in walk_images(root):
+        yield Sample(key=path.relative_to(root).as_posix(), source=str(path.resolve()), path=str(path))
+
+
+def file_sample(path: Path) -> Sample:
+    """A single image given on the command line is keyed by its file name."""
+    return Sample(key=path.name, source=str(path.resolve()), path=str(path))
+
+
+def list_samples(inputs: list[str]) -> list[Sample]:
+    """All samples of all inputs, sorted by key; a key seen under two different sources is an error."""
+    by_key: dict[str, Sample] = {}
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = folder_samples(path)
+        elif path.is_file():
+            if not is_image_name(path.name):
+                raise UsageError(f"{raw} is neither a folder nor an image file")
+            found = iter([file_sample(path)])
+        elif path.exists():
+            raise UsageError(f"{raw} is neither a folder nor an image file")
+        else:
+            raise UsageError(f"input {raw} does not exist")
+        for sample in found:
+            seen = by_key.get(sample.key)
+            if seen is not None and seen.source != sample.source:
+                raise UsageError(
+                    f"key {sample.key!r} names both {seen.source} and {sample.source}; "
+                    "caption these inputs into separate outputs"
+                )
+            by_key[sample.key] = sample
+    return [by_key[key] for key in sorted(by_key)]

@@ -1,0 +1,147 @@
+"""Decode and resize images in a pool of worker processes, ahead of the engine, with bounded memory.
+
+The engine must never wait on JPEG decoding, and a million-image listing must never be turned into a
+million pending tasks: a fixed window of images is in flight at once, results come back in input
+order. Every failure comes back as a `Failed` value, never as an exception.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from PIL import Image
+
+from caprl_cli.errors import ErrorKind, SampleError
+from caprl_cli.grid import Grid
+from caprl_cli.images import prepare_image
+from caprl_cli.inputs import Sample
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the engine: model-sized RGB pixels plus its original size."""
+
+    sample: Sample
+    image: Image.Image
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An image that will become an error row."""
+
+    sample: Sample
+    kind: ErrorKind
+    message: str
+    width: int | None = None
+    height: int | None = None
+
+
+Outcome = Prepared | Failed
+
+
+def read_sample_bytes(sample: Sample) -> bytes:
+    """The encoded image: in memory already, or read from its path."""
+    if sample.data is not None:
+        return sample.data
+    if sample.path is None:
+        raise SampleError(ErrorKind.READ, "sample has neither bytes nor a path")
+    try:
+        with open(sample.path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise SampleError(ErrorKind.READ, f"cannot read {sample.path}: {exc.strerror or exc}") from None
+
+
+def prepare_sample(sample: Sample, grid: Grid, max_image_pixels: int) -> Outcome:
+    """Read, decode and resize one sample; any failure becomes `Failed`."""
+    try:
+        pixels = prepare_image(read_sample_bytes(sample), grid, max_image_pixels)
+    except SampleError as exc:
+        return Failed(sample, exc.kind, exc.message)
+    except Exception as exc:  # a decoder bug must cost one row, not the run
+        return Failed(sample, ErrorKind.DECODE, f"{type(exc).__name__}: {exc}")
+    return Prepared(sample, pixels.image, pixels.width, pixels.height)
+
+
+_worker_grid: Grid | None = None
+_worker_max_image_pixels: int = 0
+
+
+def _init_worker(grid: Grid, max_image_pixels: int) -> None:
+    global _worker_grid, _worker_max_image_pixels
+    _worker_grid = grid
+    _worker_max_image_pixels = max_image_pixels
+
+
+def _prepare_in_worker(sample: Sample) -> Outcome:
+    assert _worker_grid is not None, "worker not initialised"
+    return prepare_sample(sample, _worker_grid, _worker_max_image_pixels)
+
+
+class Preprocessor:
+    """Prepares samples with `workers` processes (0: in the calling process)."""
+
+    def __init__(self, grid: Grid, max_image_pixels: int, workers: int, window: int | None = None) -> None:
+        self.grid = grid
+        self.max_image_pixels = max_image_pixels
+        self.workers = workers
+        self.window = window or max(16, 8 * workers)
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: the parent holds an engine with threads and device handles that must not be forked.
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.grid, self.max_image_pixels),
+        )
+
+    def prepare(self, samples: Iterable[Sample]) -> Iterator[Outcome]:
+        """Yield one outcome per sample, in order, with at most `window` images in flight."""
+        if self._pool is None:
+            for sample in samples:
+                yield prepare_sample(sample, self.grid, self.max_image_pixels)
+            return
+        in_flight: deque[tuple[Sample, Future[Outcome]]] = deque()
+        for sample in samples:
+            in_flight.append((sample, self._pool.submit(_prepare_in_worker, sample)))
+            if len(in_flight) >= self.window:
+                yield self._result(*in_flight.popleft())
+        while in_flight:
+            yield self._result(*in_flight.popleft())
+
+    def _result(self, sample: Sample, future: Future[Outcome]) -> Outcome:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            return self._isolate(sample)
+
+    def _isolate(self, sample: Sample) -> Outcome:
+        """A worker died (a decoder crash): retry this sample alone in a fresh pool."""
+        self._replace_pool()
+        assert self._pool is not None
+        try:
+            return self._pool.submit(_prepare_in_worker, sample).result()
+        except BrokenProcessPool:
+            self._replace_pool()
+            return Failed(sample, ErrorKind.DECODE, "the image decoder crashed on this file")
+
+    def _replace_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._new_pool()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

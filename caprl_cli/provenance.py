@@ -1,0 +1,95 @@
+"""Run provenance: what produced these captions, stored in Parquet metadata and the summary JSON.
+
+A corpus outlives the run that made it; the model revision, prompt, sampling and pixel limits recorded
+here are what lets someone trust, reproduce or extend it later.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from caprl_cli import __version__
+from caprl_cli.settings import CaptionSettings
+
+
+def utc_now() -> str:
+    """ISO 8601 time in UTC, to the second."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def summary_path_for(output: Path) -> Path:
+    """`out.parquet` -> `out.parquet.summary.json`."""
+    return output.with_name(output.name + ".summary.json")
+
+
+@dataclass
+class RunCounts:
+    """What a run produced, by outcome."""
+
+    ok: int = 0
+    output_tokens: int = 0
+    errors_by_kind: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+    @property
+    def images(self) -> int:
+        return self.ok + self.errors
+
+
+def build_provenance(
+    settings: CaptionSettings,
+    *,
+    engine_version: str | None,
+    model_revision: str | None,
+    prompt_text: str | None,
+    grid_factor: int | None,
+    started_at: str,
+    elapsed_s: float,
+    counts: RunCounts,
+) -> dict[str, Any]:
+    """The provenance record of one run."""
+    return {
+        "caprl_cli_version": __version__,
+        "python_version": platform.python_version(),
+        "engine": settings.engine,
+        "engine_version": engine_version,
+        "model": settings.model,
+        "model_revision": model_revision,
+        "prompt": settings.prompt,
+        "system_prompt": settings.system_prompt,
+        "prompt_text": prompt_text,
+        "sampling": {
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_tokens": settings.max_tokens,
+            "repetition_penalty": 1.0,
+            "seed": settings.seed,
+        },
+        "pixels": {
+            "min_pixels": settings.min_pixels,
+            "max_pixels": settings.max_pixels,
+            "max_image_pixels": settings.max_image_pixels,
+            "grid_factor": grid_factor,
+        },
+        "output": str(settings.output),
+        "format": settings.output_format,
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        "elapsed_s": round(elapsed_s, 3),
+        "counts": {
+            "images": counts.images,
+            "ok": counts.ok,
+            "error": counts.errors,
+            "errors_by_kind": dict(sorted(counts.errors_by_kind.items())),
+            "output_tokens": counts.output_tokens,
+        },
+        "images_per_s": round(counts.images / elapsed_s, 3) if elapsed_s > 0 else None,
+    }

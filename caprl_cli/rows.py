@@ -1,0 +1,96 @@
+"""The data contract: one row per input image, the same columns in every output format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from caprl_cli.errors import ErrorKind, format_error
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("meta", pa.string()),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+Row = dict[str, Any]
+
+
+def caption_row(
+    *,
+    key: str,
+    source: str,
+    model: str,
+    caption: str,
+    finish_reason: str | None,
+    prompt_tokens: int | None,
+    output_tokens: int | None,
+    width: int | None,
+    height: int | None,
+    meta: str | None = None,
+) -> Row:
+    """A captioned image."""
+    return {
+        "key": key,
+        "source": source,
+        "caption": caption,
+        "status": STATUS_OK,
+        "error": None,
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "width": width,
+        "height": height,
+        "model": model,
+        "meta": meta,
+    }
+
+
+def error_row(
+    *,
+    key: str,
+    source: str,
+    model: str,
+    kind: ErrorKind,
+    message: str,
+    width: int | None = None,
+    height: int | None = None,
+    meta: str | None = None,
+) -> Row:
+    """An image that could not be captioned; `error` says why as `<kind>: <message>`."""
+    return {
+        "key": key,
+        "source": source,
+        "caption": None,
+        "status": STATUS_ERROR,
+        "error": format_error(kind, message),
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "output_tokens": None,
+        "width": width,
+        "height": height,
+        "model": model,
+        "meta": meta,
+    }
+
+
+def error_kind_of(row: Row) -> str | None:
+    """The `<kind>` part of an error row's `error`, for counting errors by kind."""
+    error = row.get("error")
+    return error.split(":", 1)[0] if error else None

@@ -1,0 +1,110 @@
+"""The typed settings of one captioning run: the single source of truth every stage reads.
+
+The CLI only parses options into `CaptionSettings`; `validate_settings` turns every impossible value
+into a `UsageError` before anything heavy (a model, a worker pool) is started.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from caprl_cli.errors import UsageError
+from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+DEFAULT_MODEL = "internlm/CapRL-3B"
+DEFAULT_PROMPT = "Please describe this image in detail."
+# Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept here so `--help` needs no Pillow.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+OUTPUT_FORMATS = ("parquet", "jsonl")
+ENGINES = ("vllm", "transformers")
+_FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """Everything that decides what a run captions, how, and where the rows go."""
+
+    inputs: tuple[str, ...]
+    output: Path
+    output_format: str
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    system_prompt: str | None = None
+    max_tokens: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    engine: str = "vllm"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    batch_size: int | None = None
+    workers: int = field(default_factory=lambda: default_workers())
+    limit: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def default_workers() -> int:
+    """Preprocessing processes: enough to keep one engine fed, leaving a core for the engine."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def output_format_for(output: Path, requested: str | None) -> str:
+    """`--format` if given, else the output's extension."""
+    if requested:
+        return requested
+    found = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
+    if found is None:
+        raise UsageError(
+            f"cannot tell the output format from {output.name!r}: "
+            f"use a .parquet or .jsonl name, or --format {'|'.join(OUTPUT_FORMATS)}"
+        )
+    return found
+
+
+def validate_settings(settings: CaptionSettings) -> None:
+    """Refuse values no run can use, with a message naming the option."""
+    checks: list[tuple[bool, str]] = [
+        (settings.max_tokens >= 1, "--max-tokens must be at least 1"),
+        (settings.temperature >= 0, "--temperature must not be negative"),
+        (0 < settings.top_p <= 1, "--top-p must be in (0, 1]"),
+        (settings.min_pixels >= 1, "--min-pixels must be at least 1"),
+        (settings.max_pixels >= settings.min_pixels, "--max-pixels must not be below --min-pixels"),
+        (settings.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
+        (0 < settings.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]"),
+        (settings.workers >= 0, "--workers must not be negative"),
+        (settings.limit is None or settings.limit >= 0, "--limit must not be negative"),
+        (settings.batch_size is None or settings.batch_size >= 1, "--batch-size must be at least 1"),
+        (settings.max_model_len is None or settings.max_model_len >= 1, "--max-model-len must be at least 1"),
+        (settings.seed >= 0, "--seed must not be negative"),
+        (bool(settings.prompt.strip()), "--prompt must not be empty"),
+        (settings.output_format in OUTPUT_FORMATS, f"--format must be one of {', '.join(OUTPUT_FORMATS)}"),
+        (settings.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    check_output_writable(settings.output, settings.overwrite)
+
+
+def check_output_writable(output: Path, overwrite: bool) -> None:
+    """Fail early, before a model loads, if the output cannot be written where asked."""
+    if output.is_dir():
+        raise UsageError(f"output {output} is a directory; give a file name ending in .parquet or .jsonl")
+    if output.exists() and not overwrite:
+        raise UsageError(f"output {output} already exists; pass --overwrite to replace it")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".caprl-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to output directory {parent}: {exc.strerror or exc}") from None

@@ -1,0 +1,110 @@
+"""Row writers, chosen by output format; each writes under a temporary name and commits atomically.
+
+Rows arrive in small groups as images finish, so memory stays flat however large the run; the output
+file only appears under its real name once it is complete (temp name, fsync, rename), so a reader
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from caprl_cli.rows import COLUMNS, SCHEMA, Row
+
+PROVENANCE_KEY = "caprl"
+
+
+class RowWriter(Protocol):
+    """Where finished rows go. `commit` makes the output visible; `abort` removes the temp file."""
+
+    def write(self, rows: list[Row]) -> None: ...
+
+    def commit(self, provenance: dict[str, Any]) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def temp_path_for(path: Path) -> Path:
+    """A hidden sibling of `path`, so the final rename stays on one filesystem."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_rename(temp: Path, final: Path) -> None:
+    """Make `temp` durable, then atomically give it its final name."""
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write a JSON document so that readers see either the old one or the whole new one."""
+    temp = temp_path_for(path)
+    temp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    fsync_rename(temp, path)
+
+
+class ParquetRowWriter:
+    """One row group per `write`; provenance goes into the file's key-value metadata."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp = temp_path_for(path)
+        self._writer = pq.ParquetWriter(self.temp, SCHEMA, compression="zstd")
+
+    def write(self, rows: list[Row]) -> None:
+        if rows:
+            self._writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+
+    def commit(self, provenance: dict[str, Any]) -> None:
+        self._writer.add_key_value_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+        self._writer.close()
+        fsync_rename(self.temp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.temp.unlink(missing_ok=True)
+
+
+class JsonlRowWriter:
+    """One JSON object per line with the contract's columns, in contract order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp = temp_path_for(path)
+        self._handle = open(self.temp, "w", encoding="utf-8")
+
+    def write(self, rows: list[Row]) -> None:
+        for row in rows:
+            self._handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
+            self._handle.write("\n")
+        self._handle.flush()
+
+    def commit(self, provenance: dict[str, Any]) -> None:
+        self._handle.close()
+        fsync_rename(self.temp, self.path)
+
+    def abort(self) -> None:
+        self._handle.close()
+        self.temp.unlink(missing_ok=True)
+
+
+WRITERS: dict[str, type[ParquetRowWriter] | type[JsonlRowWriter]] = {
+    "parquet": ParquetRowWriter,
+    "jsonl": JsonlRowWriter,
+}
+
+
+def open_writer(output_format: str, path: Path) -> RowWriter:
+    """The writer for `output_format`."""
+    return WRITERS[output_format](path)
