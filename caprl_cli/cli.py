@@ -115,7 +115,11 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
 def configure_logging(quiet: bool, verbose: int) -> None:
     """caprl's own log lines on stderr; engine libraries stay quiet unless -vv."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="caprl: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("caprl: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
     library_level = "INFO" if verbose >= 2 else "ERROR"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", library_level)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level.lower())

@@ -8,6 +8,7 @@ the header alone, before any pixel is decoded, so a decompression bomb costs not
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -37,13 +38,18 @@ def prepare_image(data: bytes, grid: Grid, max_image_pixels: int) -> PreparedPix
     """Decode `data`, orient, convert to RGB and resize it onto `grid`."""
     if not data:
         raise SampleError(ErrorKind.DECODE, "empty file")
+    # Process-wide Pillow settings, set on every call so no other code can have loosened them:
+    # never guess at truncated data, and let Pillow's bomb check use the same cap as ours.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise SampleError(ErrorKind.TOO_LARGE, str(exc)) from None
+            raise SampleError(ErrorKind.TOO_LARGE, _too_large_message(str(exc), max_image_pixels)) from None
+        except Image.UnidentifiedImageError:
+            raise SampleError(ErrorKind.DECODE, "not an image in any format Pillow reads") from None
         except Exception as exc:  # Pillow raises many types for garbage input
             raise SampleError(ErrorKind.DECODE, f"not a readable image ({_describe(exc)})") from None
         with img:
@@ -125,6 +131,12 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF: keep the pixels as stored rather than lose the image
         return img
+
+
+def _too_large_message(pillow_message: str, max_image_pixels: int) -> str:
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    size = f"{found.group(1)} pixels" if found else "too many pixels"
+    return f"{size}, over the cap of {max_image_pixels}; refused before decoding"
 
 
 def _describe(exc: BaseException) -> str:

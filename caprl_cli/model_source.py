@@ -28,15 +28,26 @@ def looks_like_path(model: str) -> bool:
     return model.count("/") != 1
 
 
-def resolve_model(model: str, revision: str | None = None) -> ModelSource:
-    """Locate `model` as a folder holding config.json, or as a hub snapshot (downloading if allowed)."""
+def local_model_folder(model: str) -> Path | None:
+    """The folder `model` names, None for a hub id; a folder that cannot be a model is a UsageError.
+
+    Cheap (no download, no import), so it runs before anything else in a run.
+    """
     folder = Path(model).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise UsageError(f"model folder {model} has no config.json")
-        return ModelSource(model_id=model, path=str(folder.resolve()), revision=revision)
+        return folder
     if looks_like_path(model) or folder.exists():
         raise UsageError(f"model folder {model} does not exist")
+    return None
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    """Locate `model` as a folder holding config.json, or as a hub snapshot (downloading if allowed)."""
+    folder = local_model_folder(model)
+    if folder is not None:
+        return ModelSource(model_id=model, path=str(folder.resolve()), revision=revision)
     return _resolve_hub(model, revision)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from caprl_cli.errors import UsageError
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from caprl_cli.model_source import local_model_folder
 
 DEFAULT_MODEL = "internlm/CapRL-3B"
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -92,6 +93,7 @@ def validate_settings(settings: CaptionSettings) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    local_model_folder(settings.model)
     check_output_writable(settings.output, settings.overwrite)
 
 

@@ -60,6 +60,9 @@ class TransformersEngine(Engine):
     def __init__(self, spec: EngineSpec) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # caprl shows its own progress
 
         self.spec = spec
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,87 @@
+"""The real CLI with the real vLLM engine (CPU build) on the edge-case corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from caprl_cli.grid import Grid
+from contract import assert_rows_match_corpus, read_rows
+
+pytestmark = pytest.mark.vllm
+MAX_TOKENS = 24
+ENGINE_ARGS = ("--engine", "vllm", "--dtype", "float32", "--max-tokens", str(MAX_TOKENS), "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def parquet_run(run_caprl, corpus, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    root, _ = corpus
+    output = tmp_path_factory.mktemp("vllm") / "captions.parquet"
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--workers", "2", *ENGINE_ARGS)
+    return result, output
+
+
+def test_every_image_gets_exactly_one_row(parquet_run, corpus, tiny_model: Path) -> None:
+    result, output = parquet_run
+    assert result.returncode == 0, result.stderr
+    root, expected = corpus
+    assert_rows_match_corpus(
+        read_rows(output), root, expected, model=str(tiny_model), max_tokens=MAX_TOKENS, grid=Grid(28)
+    )
+
+
+def test_provenance_in_parquet_and_summary(parquet_run, corpus, tiny_model: Path) -> None:
+    _, output = parquet_run
+    _, expected = corpus
+    provenance = json.loads(pq.read_metadata(output).metadata[b"caprl"])
+    summary = json.loads(Path(f"{output}.summary.json").read_text())
+    assert provenance["counts"] == summary["counts"]
+    counts = summary["counts"]
+    assert counts["images"] == len(expected)
+    assert counts["error"] == sum(kind is not None for kind in expected.values())
+    assert sum(counts["errors_by_kind"].values()) == counts["error"]
+    assert summary["engine"] == "vllm" and summary["engine_version"].startswith("vllm ")
+    assert summary["sampling"]["max_tokens"] == MAX_TOKENS
+    assert summary["pixels"]["grid_factor"] == 28
+    assert summary["prompt_text"].startswith("<|im_start|>user\n")
+    assert summary["started_at"] <= summary["finished_at"]
+
+
+def test_no_temporary_files_left(parquet_run) -> None:
+    _, output = parquet_run
+    assert sorted(p.name for p in output.parent.iterdir()) == [output.name, f"{output.name}.summary.json"]
+
+
+def test_captions_do_not_depend_on_batching(parquet_run, run_caprl, corpus, tiny_model: Path, tmp_path: Path) -> None:
+    """Same seed, same key -> same caption, whether batched with 30 others or captioned alone."""
+    _, batched_output = parquet_run
+    root, _ = corpus
+    alone_output = tmp_path / "alone.jsonl"
+    result = run_caprl(
+        "caption", root, "-o", alone_output, "--model", tiny_model, "--batch-size", "1", "--limit", "8",
+        "--workers", "0", *ENGINE_ARGS,
+    )
+    assert result.returncode == 0, result.stderr
+    batched = {row["key"]: row for row in read_rows(batched_output)}
+    alone = read_rows(alone_output)
+    assert len(alone) == 8
+    for row in alone:
+        assert row["caption"] == batched[row["key"]]["caption"], row["key"]
+        assert row["output_tokens"] == batched[row["key"]]["output_tokens"]
+
+
+def test_engine_refusal_becomes_error_rows(run_caprl, corpus, tiny_model: Path, tmp_path: Path) -> None:
+    """A request the engine refuses (prompt longer than the context) costs one row, not the run."""
+    root, expected = corpus
+    output = tmp_path / "short-context.jsonl"
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--max-model-len", "300", *ENGINE_ARGS)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(output)
+    assert sorted(row["key"] for row in rows) == sorted(expected)
+    engine_errors = [row for row in rows if (row["error"] or "").startswith("engine: ")]
+    assert engine_errors, "the 1024x768 photo needs over 1000 tokens and must be refused"
+    assert "photo_1024x768.webp" in {row["key"] for row in engine_errors}
+    assert any(row["status"] == "ok" for row in rows)
