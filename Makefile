@@ -28,10 +28,11 @@ test: venv
 	$(CPU_ENV) $(PY) -m pytest -q
 
 demo: venv
+	@echo "Building a tiny RANDOM Qwen2.5-VL: its captions are noise; it shows the pipeline, not CapRL."
 	$(PY) examples/make_tiny_model.py $(DEMO_DIR)/tiny-model
 	$(CPU_ENV) $(VENV)/bin/caprl caption examples/images -o $(DEMO_DIR)/captions.parquet \
 		--model $(DEMO_DIR)/tiny-model --dtype float32 --max-tokens 48 --overwrite
-	$(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('$(DEMO_DIR)/captions.parquet').to_pandas()[['key','status','output_tokens','caption']].to_string(max_colwidth=60))"
+	$(PY) examples/show_captions.py $(DEMO_DIR)/captions.parquet
 
 clean:
 	rm -rf build .pytest_cache

@@ -99,10 +99,9 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
 
     report = run_caption(settings)
     counts = report.counts
-    rate = counts.images / report.elapsed_s if report.elapsed_s > 0 else 0.0
     message = (
         f"captioned {counts.ok} of {counts.images} images into {report.output} "
-        f"in {report.elapsed_s:.1f}s ({rate:.2f} images/s)"
+        f"in {report.elapsed_s:.1f}s ({report.images_per_s:.2f} images/s)"
     )
     if counts.errors:
         by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.errors_by_kind.items()))

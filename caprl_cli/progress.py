@@ -63,6 +63,10 @@ class Progress:
     def _elapsed(self, now: float) -> float:
         return max(now - self.started, 1e-9)
 
+    def rate(self) -> float:
+        """Images per second since this progress started."""
+        return self.done / self._elapsed(time.monotonic())
+
     def line(self, now: float | None = None) -> str:
         """`120/1000 images, 3 errors, 4.1 img/s, 530 tok/s, ETA 3m35s`."""
         now = time.monotonic() if now is None else now

@@ -53,6 +53,7 @@ def build_provenance(
     grid_factor: int | None,
     started_at: str,
     elapsed_s: float,
+    images_per_s: float,
     counts: RunCounts,
 ) -> dict[str, Any]:
     """The provenance record of one run."""
@@ -91,5 +92,5 @@ def build_provenance(
             "errors_by_kind": dict(sorted(counts.errors_by_kind.items())),
             "output_tokens": counts.output_tokens,
         },
-        "images_per_s": round(counts.images / elapsed_s, 3) if elapsed_s > 0 else None,
+        "images_per_s": round(images_per_s, 3),
     }

@@ -44,6 +44,7 @@ class RunReport:
     summary: Path
     counts: RunCounts
     elapsed_s: float
+    images_per_s: float  # while captioning, model loading excluded
 
 
 class RowSink:
@@ -197,6 +198,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
                 sink.add(result_row(item, caption, settings.model))
         sink.flush()
         elapsed = time.monotonic() - started
+        images_per_s = sink.progress.rate()
         provenance = build_provenance(
             settings,
             engine_version=engine.version if engine else None,
@@ -205,6 +207,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             grid_factor=profile.grid.factor if profile else None,
             started_at=started_at,
             elapsed_s=elapsed,
+            images_per_s=images_per_s,
             counts=sink.counts,
         )
         writer.commit(provenance)
@@ -219,4 +222,6 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             engine.close()
     summary = summary_path_for(settings.output)
     write_json_atomically(summary, provenance)
-    return RunReport(output=settings.output, summary=summary, counts=sink.counts, elapsed_s=elapsed)
+    return RunReport(
+        output=settings.output, summary=summary, counts=sink.counts, elapsed_s=elapsed, images_per_s=images_per_s
+    )
