@@ -1,13 +1,14 @@
 """Command line: parse options into settings, run, report. Nothing heavy is imported at module level,
 so `caprl --help` answers at once on a machine where importing vLLM takes seconds.
 
-Exit codes: 0 complete, 1 failed, 2 usage error, 130/143 interrupted.
+Exit codes: 0 complete, 1 failed, 2 usage error, 130/143 interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 log = logging.getLogger("caprl")
 
@@ -136,8 +138,17 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so the output's temporary file is removed."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: map every way a run can end onto an exit code."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = cli.main(args=argv, prog_name="caprl", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         code = fail(str(exc), EXIT_USAGE)
     except (KeyboardInterrupt, click.exceptions.Abort):
         code = fail("interrupted", EXIT_SIGINT)
+    except Terminated:
+        code = fail("terminated", EXIT_SIGTERM)
     except Exception as exc:
         if logging.getLogger("caprl").isEnabledFor(logging.DEBUG):
             raise

@@ -81,4 +81,11 @@ def _cap_area(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     if width * height <= max_pixels:
         return width, height
     scale = math.sqrt(max_pixels / (width * height))
-    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    # A side clamped up to one pixel can push the area back over the cap: shorten the other side.
+    if w * h > max_pixels:
+        if w >= h:
+            w = max(1, max_pixels // h)
+        else:
+            h = max(1, max_pixels // w)
+    return w, h

@@ -92,8 +92,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode in _HIGH_DEPTH_MODES:
         img = _to_8bit_grey(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB", "1"):
+        img = img.convert("RGBA")  # palette index or colour key (tRNS) marks transparent pixels
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE + (255,))

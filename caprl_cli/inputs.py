@@ -38,8 +38,19 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_images(root: Path) -> Iterator[Path]:
-    """Yield image files under `root` in sorted order, skipping hidden files and folders."""
+def walk_images(root: Path, _seen: set[tuple[int, int]] | None = None) -> Iterator[Path]:
+    """Yield image files under `root` in sorted order, skipping hidden files and folders.
+
+    Symlinked folders are followed once each, so a link back to an ancestor cannot loop.
+    """
+    seen = set() if _seen is None else _seen
+    try:
+        info = root.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot list {root}: {exc.strerror or exc}") from None
+    if (info.st_dev, info.st_ino) in seen:
+        return
+    seen.add((info.st_dev, info.st_ino))
     try:
         entries = sorted(os.scandir(root), key=lambda entry: entry.name)
     except OSError as exc:
@@ -48,7 +59,7 @@ def walk_images(root: Path) -> Iterator[Path]:
         if is_hidden(entry.name):
             continue
         if entry.is_dir(follow_symlinks=True):
-            yield from walk_images(Path(entry.path))
+            yield from walk_images(Path(entry.path), seen)
         elif entry.is_file(follow_symlinks=True) and is_image_name(entry.name):
             yield Path(entry.path)
 

@@ -8,9 +8,10 @@ order. Every failure comes back as a `Failed` value, never as an exception.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ _worker_max_image_pixels: int = 0
 
 def _init_worker(grid: Grid, max_image_pixels: int) -> None:
     global _worker_grid, _worker_max_image_pixels
+    # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just go quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_grid = grid
     _worker_max_image_pixels = max_image_pixels
 
@@ -114,25 +117,36 @@ class Preprocessor:
             return
         in_flight: deque[tuple[Sample, Future[Outcome]]] = deque()
         for sample in samples:
-            in_flight.append((sample, self._pool.submit(_prepare_in_worker, sample)))
+            in_flight.append((sample, self._submit(sample)))
             if len(in_flight) >= self.window:
-                yield self._result(*in_flight.popleft())
-        while in_flight:
-            yield self._result(*in_flight.popleft())
+                yield from self._collect(in_flight, keep=self.window - 1)
+        yield from self._collect(in_flight, keep=0)
 
-    def _result(self, sample: Sample, future: Future[Outcome]) -> Outcome:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            return self._isolate(sample)
-
-    def _isolate(self, sample: Sample) -> Outcome:
-        """A worker died (a decoder crash): retry this sample alone in a fresh pool."""
-        self._replace_pool()
+    def _submit(self, sample: Sample) -> Future[Outcome]:
         assert self._pool is not None
+        return self._pool.submit(_prepare_in_worker, sample)
+
+    def _collect(self, in_flight: deque[tuple[Sample, Future[Outcome]]], keep: int) -> Iterator[Outcome]:
+        """Yield finished outcomes from the front until `keep` remain in flight.
+
+        When a worker dies (a decoder crash), every future of the pool fails and which sample killed it
+        is unknown: the pool is replaced once and each sample that was in flight is retried alone.
+        """
+        while len(in_flight) > keep:
+            sample, future = in_flight.popleft()
+            try:
+                yield future.result()
+            except (BrokenProcessPool, CancelledError):
+                retry = [sample, *(waiting for waiting, _ in in_flight)]
+                in_flight.clear()
+                self._replace_pool()
+                for suspect in retry:
+                    yield self._prepare_alone(suspect)
+
+    def _prepare_alone(self, sample: Sample) -> Outcome:
         try:
-            return self._pool.submit(_prepare_in_worker, sample).result()
-        except BrokenProcessPool:
+            return self._submit(sample).result()
+        except (BrokenProcessPool, CancelledError):
             self._replace_pool()
             return Failed(sample, ErrorKind.DECODE, "the image decoder crashed on this file")
 

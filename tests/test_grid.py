@@ -190,11 +190,6 @@ def test_untiled_grid_only_caps_area(width: int, height: int) -> None:
     assert max(1, height * scale - 1) <= h <= max(1, height * scale)
 
 
-@pytest.mark.xfail(
-    reason="grid._cap_area clamps the short side up to 1 pixel after scaling, so for aspect ratios above "
-    "max_pixels:1 the result is over the cap (1x5000000 -> 1x2236067 with max_pixels 1000000)",
-    strict=True,
-)
 def test_untiled_grid_cap_holds_for_one_pixel_wide_images() -> None:
     """`Grid(None)` promises images capped at max_pixels, even a 1-pixel-wide strip."""
     max_pixels = 1000 * 1000

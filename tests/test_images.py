@@ -326,12 +326,6 @@ def test_every_mode_gives_rgb(mode: str) -> None:
     assert rgb.size == (5, 3)
 
 
-@pytest.mark.xfail(
-    reason="images.to_rgb only flattens alpha modes and palette transparency; an RGB or L image whose "
-    "transparency is a colour key (PNG tRNS, info['transparency']) is returned/converted as is, so its "
-    "transparent pixels keep their colour (black here) instead of becoming white",
-    strict=True,
-)
 @pytest.mark.parametrize(("mode", "key"), [("RGB", (0, 0, 0)), ("L", 0)])
 def test_colour_key_transparency_becomes_white(mode: str, key) -> None:
     """PNG colour-key transparency (tRNS on RGB or L) is transparency too: it must show white."""
