@@ -1,7 +1,8 @@
 """Command line: parse options into settings, run, report. Nothing heavy is imported at module level,
 so `caprl --help` answers at once on a machine where importing vLLM takes seconds.
 
-Exit codes: 0 complete, 1 failed, 2 usage error, 130/143 interrupted (SIGINT/SIGTERM).
+Exit codes: 0 complete, 1 failed, 2 usage error, 3 partial (--max-runtime), 75 output locked by
+another run, 130/143 interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from caprl_cli import __version__
-from caprl_cli.errors import UsageError
+from caprl_cli.errors import OutputLocked, UsageError
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MODEL,
@@ -26,6 +27,7 @@ from caprl_cli.settings import (
     CaptionSettings,
     default_workers,
     output_format_for,
+    parse_duration,
     validate_settings,
 )
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
@@ -33,6 +35,8 @@ from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -77,8 +81,12 @@ def cli() -> None:
 @option("--gpu-memory-utilization", default=0.9, show_default=True, type=float, help="Share of GPU memory vLLM may use.")
 @option("--batch-size", default=None, type=int, help="Images decoded together (vLLM: max concurrent sequences; transformers: generate batch, default 8).")
 @option("--workers", default=None, type=int, help="Image preprocessing processes; default: CPU cores - 1, at most 8.")
-@option("--limit", default=None, type=int, help="Caption only the first N images (in key order).")
-@option("--overwrite", is_flag=True, default=False, help="Replace an existing output.")
+@option("--limit", default=None, type=int, help="Caption at most N images this run (the first not yet done, in key order).")
+@option("--overwrite", is_flag=True, default=False, help="Start over: forget what the output holds.")
+@option("--retry-errors", is_flag=True, default=False, help="Caption error rows again and replace them.")
+@option("--wait", is_flag=True, default=False, help="If another run holds the output, wait for it instead of exiting 75.")
+@option("--max-runtime", default=None, help="Stop cleanly before this much time has passed (90s, 30m, 6h, 1h30m); exit 3 if work remains.")
+@option("--flush-every", default=1000, show_default=True, type=int, help="Commit a part every N rows (and at least every 5 s).")
 @option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (log lines when stderr is not a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine's own logs.")
@@ -88,28 +96,64 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     output: Path = options.pop("output")
     output_format = output_format_for(output, options.pop("output_format"))
     workers = options.pop("workers")
+    max_runtime = options.pop("max_runtime")
     settings = CaptionSettings(
         inputs=inputs,
         output=output,
         output_format=output_format.lower(),
         engine=options.pop("engine").lower(),
         workers=default_workers() if workers is None else workers,
+        max_runtime=None if max_runtime is None else parse_duration(max_runtime),
         **options,
     )
     validate_settings(settings)
     from caprl_cli.runner import run_caption
+    from caprl_cli.stopping import EXIT_CODE_OF, StopReason
 
     report = run_caption(settings)
-    counts = report.counts
-    message = (
-        f"captioned {counts.ok} of {counts.images} images into {report.output} "
-        f"in {report.elapsed_s:.1f}s ({report.images_per_s:.2f} images/s)"
-    )
-    if counts.errors:
-        by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.errors_by_kind.items()))
-        message += f"; {counts.errors} error rows ({by_kind})"
     if not quiet:
-        click.echo(f"caprl: {message}", err=True)
+        click.echo(f"caprl: {describe_run(report)}", err=True)
+    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and report.remaining == 0):
+        return EXIT_OK
+    return EXIT_CODE_OF[report.stop_reason]
+
+
+def describe_run(report: Any) -> str:
+    """The closing line: what this run did, what the output holds, what is left."""
+    run, plan = report.run, report.plan
+    if not plan.todo:
+        what = f"nothing to do: all {plan.inputs} images are already in {report.output}"
+    elif run.images:
+        what = (
+            f"captioned {run.ok} of {run.images} images into {report.output} "
+            f"in {report.elapsed_s:.1f}s ({report.images_per_s:.2f} images/s)"
+        )
+    else:
+        what = f"captioned no images in {report.elapsed_s:.1f}s"
+    if run.errors:
+        by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(run.errors_by_kind.items()))
+        what += f"; {run.errors} error rows ({by_kind})"
+    totals = report.totals
+    what += f"; the output holds {totals['images']} rows ({totals['error']} errors)"
+    if report.stop_reason is not None:
+        what += f"; stopped ({report.stop_reason.value})"
+    if report.remaining:
+        what += f"; {report.remaining} images remaining: run the same command again to continue"
+    return what
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, metavar="[INPUT]...")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(output: Path, inputs: tuple[str, ...], as_json: bool) -> int:
+    """How far captioning into OUTPUT has come; with INPUTs, how many images remain and an ETA."""
+    import json
+
+    from caprl_cli.status import format_status, output_status
+
+    found = output_status(output, list(inputs))
+    click.echo(json.dumps(found, indent=2) if as_json else format_status(found))
     return EXIT_OK
 
 
@@ -157,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         code = fail(exc.format_message(), EXIT_USAGE)
     except UsageError as exc:
         code = fail(str(exc), EXIT_USAGE)
+    except OutputLocked as exc:
+        code = fail(str(exc), EXIT_LOCKED)
     except (KeyboardInterrupt, click.exceptions.Abort):
         code = fail("interrupted", EXIT_SIGINT)
     except Terminated:

@@ -25,6 +25,10 @@ class UsageError(Exception):
     """A mistake in how caprl was called: reported as one line, exit code 2."""
 
 
+class OutputLocked(Exception):
+    """Another run is writing the same output: exit code 75 (EX_TEMPFAIL), try again later."""
+
+
 class SampleError(Exception):
     """One sample cannot be captioned; carries the kind that goes into its error row."""
 

@@ -44,29 +44,44 @@ class RunCounts:
         return self.ok + self.errors
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the loaded model told us; carried over from the last run when no model is loaded."""
+
+    engine_version: str | None = None
+    model_revision: str | None = None
+    prompt_text: str | None = None
+    grid_factor: int | None = None
+
+
+def totals_of(ok: int, errors_by_kind: dict[str, int]) -> dict[str, Any]:
+    """The `counts` block: rows in the output by status and error kind."""
+    errors = sum(errors_by_kind.values())
+    return {"images": ok + errors, "ok": ok, "error": errors, "errors_by_kind": dict(sorted(errors_by_kind.items()))}
+
+
 def build_provenance(
     settings: CaptionSettings,
     *,
-    engine_version: str | None,
-    model_revision: str | None,
-    prompt_text: str | None,
-    grid_factor: int | None,
+    facts: ModelFacts,
     started_at: str,
     elapsed_s: float,
     images_per_s: float,
-    counts: RunCounts,
+    run: RunCounts,
+    totals: dict[str, Any],
+    stop_reason: str | None,
 ) -> dict[str, Any]:
-    """The provenance record of one run."""
+    """The provenance record: what produced the output, what it holds, and what this run did."""
     return {
         "caprl_cli_version": __version__,
         "python_version": platform.python_version(),
         "engine": settings.engine,
-        "engine_version": engine_version,
+        "engine_version": facts.engine_version,
         "model": settings.model,
-        "model_revision": model_revision,
+        "model_revision": facts.model_revision,
         "prompt": settings.prompt,
         "system_prompt": settings.system_prompt,
-        "prompt_text": prompt_text,
+        "prompt_text": facts.prompt_text,
         "sampling": {
             "temperature": settings.temperature,
             "top_p": settings.top_p,
@@ -78,19 +93,21 @@ def build_provenance(
             "min_pixels": settings.min_pixels,
             "max_pixels": settings.max_pixels,
             "max_image_pixels": settings.max_image_pixels,
-            "grid_factor": grid_factor,
+            "grid_factor": facts.grid_factor,
         },
         "output": str(settings.output),
         "format": settings.output_format,
-        "started_at": started_at,
-        "finished_at": utc_now(),
-        "elapsed_s": round(elapsed_s, 3),
-        "counts": {
-            "images": counts.images,
-            "ok": counts.ok,
-            "error": counts.errors,
-            "errors_by_kind": dict(sorted(counts.errors_by_kind.items())),
-            "output_tokens": counts.output_tokens,
+        "counts": totals,
+        "run": {
+            "started_at": started_at,
+            "finished_at": utc_now(),
+            "elapsed_s": round(elapsed_s, 3),
+            "images_per_s": round(images_per_s, 3),
+            "images": run.images,
+            "ok": run.ok,
+            "error": run.errors,
+            "errors_by_kind": dict(sorted(run.errors_by_kind.items())),
+            "output_tokens": run.output_tokens,
+            "stopped_by": stop_reason,
         },
-        "images_per_s": round(images_per_s, 3),
     }

@@ -1,35 +1,38 @@
-"""One captioning run: list -> decode+resize (worker pool) -> engine -> rows -> atomic commit.
+"""One captioning run: lock -> plan -> decode+resize (worker pool) -> engine -> parts -> merge.
 
-The runner wires the stages together and owns the bookkeeping (counts, progress, provenance); each
-stage lives in its own module behind a small interface, so the same loop can later run inside one
-worker process per GPU.
+The runner wires the stages together and owns the bookkeeping (lock, fingerprint, counts, progress,
+provenance); each stage lives in its own module behind a small interface, so the same loop can later
+run inside one worker process per GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from caprl_cli.engines import load_engine
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, Sampling
-from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import Sample, list_samples
+from caprl_cli.errors import ErrorKind, UsageError
+from caprl_cli.inputs import list_samples
+from caprl_cli.merge import merge_output
 from caprl_cli.model_profile import ModelProfile, load_processor, profile_from_processor
 from caprl_cli.model_source import ModelSource, resolve_model
+from caprl_cli.parts import PartWriter, new_run_id
+from caprl_cli.plan import Plan, plan_run
 from caprl_cli.preprocess import Failed, Outcome, Prepared, Preprocessor
 from caprl_cli.progress import Progress
-from caprl_cli.provenance import RunCounts, build_provenance, summary_path_for, utc_now
+from caprl_cli.provenance import ModelFacts, RunCounts, build_provenance, summary_path_for, totals_of, utc_now
 from caprl_cli.rows import Row, caption_row, error_kind_of, error_row
+from caprl_cli.run_state import CommittedIndex, RunState, fingerprint_changes, fingerprint_of
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.writers import RowWriter, open_writer, write_json_atomically
+from caprl_cli.stopping import StopReason, Stopper
+from caprl_cli.writers import write_json_atomically
 
 log = logging.getLogger("caprl")
-
-FLUSH_ROWS = 512
-FLUSH_SECONDS = 10.0
 
 
 class EngineStartError(Exception):
@@ -42,20 +45,26 @@ class RunReport:
 
     output: Path
     summary: Path
-    counts: RunCounts
+    run: RunCounts
+    totals: dict
+    plan: Plan
     elapsed_s: float
     images_per_s: float  # while captioning, model loading excluded
+    stop_reason: StopReason | None
+
+    @property
+    def remaining(self) -> int:
+        """Inputs still to caption: not reached because of --limit, or because the run was stopped."""
+        return self.plan.remaining_after + len(self.plan.todo) - self.run.images
 
 
 class RowSink:
-    """Buffers rows into groups for the writer and keeps the run's counts and progress."""
+    """Counts each finished row, shows progress, and hands the row to the part writer."""
 
-    def __init__(self, writer: RowWriter, progress: Progress) -> None:
-        self.writer = writer
+    def __init__(self, parts: PartWriter, progress: Progress) -> None:
+        self.parts = parts
         self.progress = progress
         self.counts = RunCounts()
-        self._buffer: list[Row] = []
-        self._last_flush = time.monotonic()
 
     def add(self, row: Row) -> None:
         kind = error_kind_of(row)
@@ -65,15 +74,7 @@ class RowSink:
         else:
             self.counts.errors_by_kind[kind] += 1
         self.progress.update(tokens=row["output_tokens"] or 0, error=kind is not None)
-        self._buffer.append(row)
-        if len(self._buffer) >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buffer:
-            self.writer.write(self._buffer)
-            self._buffer = []
-        self._last_flush = time.monotonic()
+        self.parts.add(row)
 
 
 def failed_row(failed: Failed, model: str) -> Row:
@@ -151,77 +152,177 @@ def start_engine(settings: CaptionSettings, spec: EngineSpec) -> Engine:
         raise EngineStartError(f"cannot start the {settings.engine} engine: {type(exc).__name__}: {exc}") from exc
 
 
-def images_only(outcomes: Iterable[Outcome], sink: RowSink, model: str) -> Iterator[Prepared]:
-    """Pass prepared images on to the engine; write failed ones straight to the sink."""
+def images_only(
+    outcomes: Iterable[Outcome], sink: RowSink, model: str, should_stop: Callable[[], bool]
+) -> Iterator[Prepared]:
+    """Pass prepared images on to the engine and failed ones straight to the sink; stop when asked."""
     for outcome in outcomes:
+        if should_stop():
+            return
         if isinstance(outcome, Failed):
             sink.add(failed_row(outcome, model))
         else:
             yield outcome
 
 
-def select_samples(settings: CaptionSettings) -> list[Sample]:
-    """The samples this run captions: every input, in key order, cut to --limit."""
-    samples = list_samples(list(settings.inputs))
-    return samples if settings.limit is None else samples[: settings.limit]
+def check_fingerprint(state: RunState, settings: CaptionSettings) -> None:
+    """Refuse to add captions made with other settings to an output; record them on a first run."""
+    current = fingerprint_of(settings)
+    stored = state.stored_fingerprint()
+    if stored is None:
+        if settings.output.exists():
+            raise UsageError(
+                f"{settings.output} exists but has no caprl state folder ({state.dir.name}); "
+                "pass --overwrite to replace it"
+            )
+        state.create()
+        state.write_fingerprint(current)
+        return
+    changed = fingerprint_changes(stored, current)
+    if changed:
+        raise UsageError(
+            f"{settings.output} was captioned with other settings ({', '.join(changed)} changed); "
+            "run with the same settings to continue, or pass --overwrite to start over"
+        )
+
+
+def load_model(settings: CaptionSettings) -> tuple[ModelSource, ModelProfile]:
+    """Find the model and read its grid and prompt; no engine yet."""
+    source = resolve_model(settings.model, settings.revision)
+    profile = profile_from_processor(
+        load_processor(source.path), settings.prompt, settings.system_prompt, settings.min_pixels, settings.max_pixels
+    )
+    return source, profile
+
+
+def caption_plan(
+    settings: CaptionSettings, plan: Plan, parts: PartWriter, stopper: Stopper
+) -> tuple[RunCounts, float, ModelFacts]:
+    """Caption `plan.todo` into committed parts; return counts, images/s and what the model told us."""
+    source, profile = load_model(settings)
+    facts = ModelFacts(model_revision=source.revision, prompt_text=profile.prompt_text, grid_factor=profile.grid.factor)
+    preprocessor = Preprocessor(profile.grid, settings.max_image_pixels, settings.workers)
+    sink = RowSink(parts, Progress(0, enabled=False))
+    engine: Engine | None = None
+    try:
+        engine = start_engine(settings, engine_spec(settings, source, profile))
+        facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
+        if stopper.should_stop():
+            return sink.counts, 0.0, facts
+        log.info("captioning %d images with %s on %s", len(plan.todo), settings.model, engine.version)
+        sink.progress = Progress(len(plan.todo), enabled=settings.progress)
+        outcomes = preprocessor.prepare(plan.todo)
+        images = images_only(outcomes, sink, settings.model, stopper.should_stop)
+        try:
+            for item, caption in engine.caption(images, stopper.should_stop):
+                sink.add(result_row(item, caption, settings.model))
+        except Exception:
+            if stopper.reason is None:
+                raise
+            log.debug("engine stopped with an error after %s", stopper.reason.value, exc_info=True)
+        return sink.counts, sink.progress.rate(), facts
+    finally:
+        sink.progress.close()
+        preprocessor.close()
+        if engine is not None:
+            engine.close()
+
+
+def finish(
+    settings: CaptionSettings,
+    state: RunState,
+    *,
+    run_id: str,
+    facts: ModelFacts,
+    started_at: str,
+    started: float,
+    images_per_s: float,
+    run: RunCounts,
+    plan: Plan,
+    stop_reason: StopReason | None,
+) -> RunReport:
+    """Merge the parts into the output, write the summary and the run record."""
+    index = state.committed()
+    errors_by_kind = index.error_counts()
+    totals = totals_of(index.size - sum(errors_by_kind.values()), errors_by_kind)
+    elapsed = time.monotonic() - started
+    provenance = build_provenance(
+        settings,
+        facts=facts,
+        started_at=started_at,
+        elapsed_s=elapsed,
+        images_per_s=images_per_s,
+        run=run,
+        totals=totals,
+        stop_reason=stop_reason.value if stop_reason else None,
+    )
+    summary = summary_path_for(settings.output)
+    if not state.output_is_current(index.parts):
+        merge_output(state, index, settings.output_format, provenance)
+        write_json_atomically(summary, provenance)
+    if run.images:
+        state.record_run(run_id, {**provenance["run"], "facts": asdict(facts)})
+    return RunReport(
+        output=settings.output,
+        summary=summary,
+        run=run,
+        totals=totals,
+        plan=plan,
+        elapsed_s=elapsed,
+        images_per_s=images_per_s,
+        stop_reason=stop_reason,
+    )
+
+
+def last_facts(state: RunState) -> ModelFacts:
+    """What the last run's model told us, for provenance written without loading a model."""
+    record = state.last_run() or {}
+    return ModelFacts(**record.get("facts", {}))
 
 
 def run_caption(settings: CaptionSettings) -> RunReport:
-    """Caption every selected sample into `settings.output`; the output appears only when complete."""
+    """Caption what the output does not hold yet; the output is rebuilt atomically at the end."""
     started_at, started = utc_now(), time.monotonic()
-    samples = select_samples(settings)
-    source: ModelSource | None = None
-    profile: ModelProfile | None = None
-    if samples:
-        source = resolve_model(settings.model, settings.revision)
-        profile = profile_from_processor(
-            load_processor(source.path),
-            settings.prompt,
-            settings.system_prompt,
-            settings.min_pixels,
-            settings.max_pixels,
-        )
-    else:
-        log.warning("no images found in %s", ", ".join(settings.inputs))
-    writer = open_writer(settings.output_format, settings.output)
-    sink = RowSink(writer, Progress(0, enabled=False))
-    engine: Engine | None = None
-    preprocessor: Preprocessor | None = None
+    state = RunState(settings.output)
+    new_state = not state.dir.exists()
+    state.acquire(wait=settings.wait)
+    stopper = Stopper(settings.max_runtime, started)
+    stopper.install()
     try:
-        if samples and source is not None and profile is not None:
-            preprocessor = Preprocessor(profile.grid, settings.max_image_pixels, settings.workers)
-            engine = start_engine(settings, engine_spec(settings, source, profile))
-            log.info("captioning %d images with %s on %s", len(samples), settings.model, engine.version)
-            sink.progress = Progress(len(samples), enabled=settings.progress)
-            outcomes = preprocessor.prepare(samples)
-            for item, caption in engine.caption(images_only(outcomes, sink, settings.model)):
-                sink.add(result_row(item, caption, settings.model))
-        sink.flush()
-        elapsed = time.monotonic() - started
-        images_per_s = sink.progress.rate()
-        provenance = build_provenance(
+        if settings.overwrite:
+            state.clear()
+        state.remove_stale_temporaries()
+        check_fingerprint(state, settings)
+        samples = list_samples(list(settings.inputs))
+        if not samples:
+            log.warning("no images found in %s", ", ".join(settings.inputs))
+        plan = plan_run(samples, state.committed(), settings.retry_errors, settings.limit)
+        if plan.already_done:
+            log.info("%d of %d images are already in %s", plan.already_done, plan.inputs, settings.output)
+        run_id = new_run_id()
+        run, images_per_s, facts = RunCounts(), 0.0, last_facts(state)
+        if plan.todo:
+            parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every)
+            try:
+                run, images_per_s, facts = caption_plan(settings, plan, parts, stopper)
+            finally:
+                parts.close()
+        return finish(
             settings,
-            engine_version=engine.version if engine else None,
-            model_revision=source.revision if source else None,
-            prompt_text=profile.prompt_text if profile else None,
-            grid_factor=profile.grid.factor if profile else None,
+            state,
+            run_id=run_id,
+            facts=facts,
             started_at=started_at,
-            elapsed_s=elapsed,
+            started=started,
             images_per_s=images_per_s,
-            counts=sink.counts,
+            run=run,
+            plan=plan,
+            stop_reason=stopper.reason,
         )
-        writer.commit(provenance)
-    except BaseException:
-        writer.abort()
+    except UsageError:
+        if new_state and not state.exists():  # refused before starting: leave no trace
+            shutil.rmtree(state.dir, ignore_errors=True)
         raise
     finally:
-        sink.progress.close()
-        if preprocessor is not None:
-            preprocessor.close()
-        if engine is not None:
-            engine.close()
-    summary = summary_path_for(settings.output)
-    write_json_atomically(summary, provenance)
-    return RunReport(
-        output=settings.output, summary=summary, counts=sink.counts, elapsed_s=elapsed, images_per_s=images_per_s
-    )
+        stopper.restore()
+        state.release()

@@ -7,6 +7,7 @@ into a `UsageError` before anything heavy (a model, a worker pool) is started.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 OUTPUT_FORMATS = ("parquet", "jsonl")
 ENGINES = ("vllm", "transformers")
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
+_SECONDS_PER_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class CaptionSettings:
     workers: int = field(default_factory=lambda: default_workers())
     limit: int | None = None
     overwrite: bool = False
+    retry_errors: bool = False
+    wait: bool = False
+    max_runtime: float | None = None
+    flush_every: int = 1000
     progress: bool = True
 
 
@@ -86,6 +92,8 @@ def validate_settings(settings: CaptionSettings) -> None:
         (settings.batch_size is None or settings.batch_size >= 1, "--batch-size must be at least 1"),
         (settings.max_model_len is None or settings.max_model_len >= 1, "--max-model-len must be at least 1"),
         (settings.seed >= 0, "--seed must not be negative"),
+        (settings.flush_every >= 1, "--flush-every must be at least 1"),
+        (settings.max_runtime is None or settings.max_runtime > 0, "--max-runtime must be positive"),
         (bool(settings.prompt.strip()), "--prompt must not be empty"),
         (settings.output_format in OUTPUT_FORMATS, f"--format must be one of {', '.join(OUTPUT_FORMATS)}"),
         (settings.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
@@ -94,15 +102,24 @@ def validate_settings(settings: CaptionSettings) -> None:
         if not ok:
             raise UsageError(message)
     local_model_folder(settings.model)
-    check_output_writable(settings.output, settings.overwrite)
+    check_output_writable(settings.output)
 
 
-def check_output_writable(output: Path, overwrite: bool) -> None:
+def parse_duration(text: str) -> float:
+    """Seconds in `90`, `90s`, `30m`, `6h`, `1h30m` or `2d`."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    if not re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[dhms]\s*)+", text):
+        raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 30m, 6h or 1h30m")
+    pairs = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
+    return sum(float(value) * _SECONDS_PER_UNIT[unit] for value, unit in pairs)
+
+
+def check_output_writable(output: Path) -> None:
     """Fail early, before a model loads, if the output cannot be written where asked."""
     if output.is_dir():
         raise UsageError(f"output {output} is a directory; give a file name ending in .parquet or .jsonl")
-    if output.exists() and not overwrite:
-        raise UsageError(f"output {output} already exists; pass --overwrite to replace it")
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

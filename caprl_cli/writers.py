@@ -25,9 +25,16 @@ class RowWriter(Protocol):
 
     def write(self, rows: list[Row]) -> None: ...
 
+    def write_table(self, table: pa.Table) -> None: ...
+
     def commit(self, provenance: dict[str, Any]) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def rows_to_table(rows: list[Row]) -> pa.Table:
+    """Rows as an Arrow table with the contract's schema."""
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -64,7 +71,11 @@ class ParquetRowWriter:
 
     def write(self, rows: list[Row]) -> None:
         if rows:
-            self._writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+            self.write_table(rows_to_table(rows))
+
+    def write_table(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table.select(list(COLUMNS)).cast(SCHEMA))
 
     def commit(self, provenance: dict[str, Any]) -> None:
         self._writer.add_key_value_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
@@ -89,6 +100,10 @@ class JsonlRowWriter:
             self._handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
             self._handle.write("\n")
         self._handle.flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        for batch in table.select(list(COLUMNS)).to_batches(max_chunksize=4096):
+            self.write(batch.to_pylist())
 
     def commit(self, provenance: dict[str, Any]) -> None:
         self._handle.close()

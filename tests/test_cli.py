@@ -98,13 +98,6 @@ def test_unknown_output_extension(run_caprl, images: Path, tmp_path: Path) -> No
     assert_usage_error(run_caprl("caption", images, "-o", tmp_path / "out.csv"))
 
 
-def test_existing_output_needs_overwrite(run_caprl, images: Path, tmp_path: Path) -> None:
-    output = tmp_path / "out.parquet"
-    output.write_bytes(b"precious")
-    assert_usage_error(run_caprl("caption", images, "-o", output))
-    assert output.read_bytes() == b"precious"
-
-
 def test_options_come_from_environment(run_caprl, images: Path, tmp_path: Path) -> None:
     result = run_caprl("caption", images, "-o", tmp_path / "out.parquet", env={"CAPRL_MAX_TOKENS": "0"})
     assert_usage_error(result)

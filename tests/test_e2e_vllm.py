@@ -47,12 +47,17 @@ def test_provenance_in_parquet_and_summary(parquet_run, corpus, tiny_model: Path
     assert summary["sampling"]["max_tokens"] == MAX_TOKENS
     assert summary["pixels"]["grid_factor"] == 28
     assert summary["prompt_text"].startswith("<|im_start|>user\n")
-    assert summary["started_at"] <= summary["finished_at"]
+    assert summary["run"]["started_at"] <= summary["run"]["finished_at"]
+    assert summary["run"]["images"] == len(expected)
 
 
 def test_no_temporary_files_left(parquet_run) -> None:
     _, output = parquet_run
-    assert sorted(p.name for p in output.parent.iterdir()) == [output.name, f"{output.name}.summary.json"]
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        output.name, f"{output.name}.caprl", f"{output.name}.summary.json"
+    ]
+    state = output.parent / f"{output.name}.caprl"
+    assert not [p for p in state.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_captions_do_not_depend_on_batching(parquet_run, run_caprl, corpus, tiny_model: Path, tmp_path: Path) -> None:
@@ -85,3 +90,20 @@ def test_engine_refusal_becomes_error_rows(run_caprl, corpus, tiny_model: Path, 
     assert engine_errors, "the 1024x768 photo needs over 1000 tokens and must be refused"
     assert "photo_1024x768.webp" in {row["key"] for row in engine_errors}
     assert any(row["status"] == "ok" for row in rows)
+
+
+def test_resume_with_vllm(run_caprl, corpus, tiny_model: Path, tmp_path: Path) -> None:
+    """A run cut short by --limit is continued by the same command: every key once, none redone."""
+    root, expected = corpus
+    output = tmp_path / "resumed.parquet"
+    first = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--limit", "10", "--flush-every", "3",
+                      *ENGINE_ARGS)
+    assert first.returncode == 0, first.stderr
+    assert len(read_rows(output)) == 10
+    rest = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--flush-every", "3", *ENGINE_ARGS)
+    assert rest.returncode == 0, rest.stderr
+    rows = read_rows(output)
+    assert sorted(row["key"] for row in rows) == sorted(expected)
+    summary = json.loads(Path(f"{output}.summary.json").read_text())
+    assert summary["run"]["images"] == len(expected) - 10
+    assert summary["counts"]["images"] == len(expected)

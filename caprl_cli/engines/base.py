@@ -8,7 +8,7 @@ runner write rows while the engine works.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from caprl_cli.preprocess import Prepared
@@ -67,8 +67,14 @@ class Engine(ABC):
         """Version of the library doing the inference, for provenance."""
 
     @abstractmethod
-    def caption(self, items: Iterable[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
-        """Caption every item, yielding results as they finish."""
+    def caption(
+        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Prepared, Caption]]:
+        """Caption every item, yielding results as they finish.
+
+        When `should_stop()` turns true, return soon: unfinished requests are dropped, never yielded
+        half-done (their images are simply captioned by a later run).
+        """
 
     def close(self) -> None:
         """Release the model and devices."""

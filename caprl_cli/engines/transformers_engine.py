@@ -8,7 +8,7 @@ caption whatever it is batched with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -94,25 +94,35 @@ class TransformersEngine(Engine):
 
         return f"transformers {transformers.__version__}"
 
-    def caption(self, items: Iterable[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
+    def caption(
+        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Prepared, Caption]]:
         source = iter(items)
-        while batch := list(islice(source, self.batch_size)):
-            yield from self._caption_batch(batch)
+        while not should_stop() and (batch := list(islice(source, self.batch_size))):
+            yield from self._caption_batch(batch, should_stop)
 
-    def _caption_batch(self, batch: list[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
+    def _caption_batch(
+        self, batch: list[Prepared], should_stop: Callable[[], bool]
+    ) -> Iterator[tuple[Prepared, Caption]]:
         try:
-            captions = self._generate(batch)
+            captions = self._generate(batch, should_stop)
         except Exception as exc:
             if len(batch) > 1:  # find the one request that fails, caption the rest
                 for item in batch:
-                    yield from self._caption_batch([item])
+                    yield from self._caption_batch([item], should_stop)
                 return
             captions = [Caption.failed(f"{type(exc).__name__}: {exc}")]
+        if should_stop():
+            return  # generation was cut short: these captions are incomplete
         yield from zip(batch, captions)
 
-    def _generate(self, batch: list[Prepared]) -> list[Caption]:
+    def _generate(self, batch: list[Prepared], should_stop: Callable[[], bool]) -> list[Caption]:
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        class StopRequested(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
 
         spec = self.spec
         inputs = self.processor(
@@ -133,6 +143,7 @@ class TransformersEngine(Engine):
                 max_new_tokens=sampling.max_tokens,
                 do_sample=False,
                 logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([StopRequested()]),
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from caprl_cli.engines.base import Caption, Engine, EngineSpec
@@ -88,7 +88,9 @@ class VllmEngine(Engine):
             seed=request_seed(sampling.seed, key),
         )
 
-    def caption(self, items: Iterable[Prepared]) -> Iterator[tuple[Prepared, Caption]]:
+    def caption(
+        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Prepared, Caption]]:
         engine = self._llm.llm_engine
         source = iter(items)
         pending: dict[str, Prepared] = {}
@@ -111,6 +113,9 @@ class VllmEngine(Engine):
                     yield item, Caption.failed(f"{type(exc).__name__}: {exc}")
                     continue
                 pending[request_id] = item
+            if should_stop():
+                engine.abort_request(list(pending))
+                return
             if not pending:
                 if exhausted:
                     return

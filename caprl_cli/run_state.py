@@ -1,0 +1,259 @@
+"""The state folder beside an output: the only record of what is done, safe against any crash.
+
+`out.parquet` keeps its state in `out.parquet.caprl/`:
+
+    lock               flock'ed by the run that owns the folder (the kernel drops it when it dies)
+    fingerprint.json   the settings that decide captions; a run with other settings is refused
+    parts/part-*.parquet   committed rows, each file written under a temporary name, fsynced, renamed
+    runs/*.json        one record per finished run (counts, throughput) for `caprl status`
+    merged.json        which parts the output file was last built from
+
+The committed parts are the truth: the output file is rebuilt from them, and what a run skips is what
+they hold. A part is either complete under its final name or a temporary file that is ignored and
+cleaned up, so a crash at any instant leaves nothing a later run could misread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from caprl_cli.errors import OutputLocked
+from caprl_cli.settings import CaptionSettings
+from caprl_cli.writers import write_json_atomically
+
+log = logging.getLogger("caprl")
+
+STATE_SUFFIX = ".caprl"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TEMP_SUFFIX = ".tmp"
+# Settings that change what a caption says (or whether an image is refused).
+FINGERPRINT_FIELDS = (
+    "model",
+    "revision",
+    "engine",
+    "prompt",
+    "system_prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "min_pixels",
+    "max_pixels",
+    "max_image_pixels",
+)
+_INDEX_COLUMNS = ["key", "status", "error"]
+
+
+def state_dir_for(output: Path) -> Path:
+    """`out.parquet` -> `out.parquet.caprl`."""
+    return output.with_name(output.name + STATE_SUFFIX)
+
+
+def fingerprint_of(settings: CaptionSettings) -> dict[str, Any]:
+    """The caption-deciding settings of a run, as stored in fingerprint.json."""
+    return {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
+
+
+def fingerprint_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the settings that differ, as `--option` names."""
+    names = sorted(set(stored) | set(current))
+    return ["--" + name.replace("_", "-") for name in names if stored.get(name) != current.get(name)]
+
+
+@dataclass(frozen=True)
+class CommittedIndex:
+    """For every committed key, its latest row: which part and row it is in, and its status.
+
+    Built with Arrow from the key, status and error columns only, so a million rows cost tens of MB.
+    """
+
+    parts: list[Path]
+    latest: pa.Table  # columns: key, status, error, part (int32), row (int64)
+
+    @property
+    def size(self) -> int:
+        return self.latest.num_rows
+
+    def keys(self, ok_only: bool = False) -> pa.Array:
+        table = self.latest
+        if ok_only:
+            table = table.filter(pc.equal(table["status"], "ok"))
+        return table["key"].combine_chunks()
+
+    def error_counts(self) -> dict[str, int]:
+        """Committed error rows by kind."""
+        errors = self.latest.filter(pc.equal(self.latest["status"], "error"))["error"]
+        kinds = pc.utf8_slice_codeunits(errors, 0, 64).to_pylist()
+        counts: dict[str, int] = {}
+        for text in kinds:
+            kind = (text or "").split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def rows_by_part(self) -> list[np.ndarray]:
+        """For each part, in order, the sorted row numbers that hold the latest row of their key."""
+        ordered = self.latest.sort_by([("part", "ascending"), ("row", "ascending")])
+        part_of_row = ordered["part"].to_numpy()
+        rows = ordered["row"].to_numpy()
+        bounds = np.searchsorted(part_of_row, np.arange(len(self.parts) + 1), side="left")
+        return [rows[bounds[i] : bounds[i + 1]] for i in range(len(self.parts))]
+
+
+class RunState:
+    """The state folder of one output."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.dir = state_dir_for(output)
+        self.parts_dir = self.dir / "parts"
+        self.runs_dir = self.dir / "runs"
+        self.fingerprint_path = self.dir / "fingerprint.json"
+        self.merged_path = self.dir / "merged.json"
+        self._lock_handle: Any = None
+
+    def exists(self) -> bool:
+        return self.fingerprint_path.is_file()
+
+    def create(self) -> None:
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lock -------------------------------------------------------------------------------------
+
+    def acquire(self, wait: bool) -> None:
+        """Take the folder's flock; without `wait`, raise OutputLocked if another run holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.dir / "lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputLocked(
+                    f"another caprl run is writing {self.output} (state {self.dir} is locked); "
+                    "pass --wait to wait for it"
+                ) from None
+            raise
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # -- fingerprint ------------------------------------------------------------------------------
+
+    def stored_fingerprint(self) -> dict[str, Any] | None:
+        if not self.fingerprint_path.is_file():
+            return None
+        return json.loads(self.fingerprint_path.read_text(encoding="utf-8"))
+
+    def write_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        write_json_atomically(self.fingerprint_path, fingerprint)
+
+    # -- parts ------------------------------------------------------------------------------------
+
+    def part_paths(self) -> list[Path]:
+        """Committed parts, oldest first (names sort by creation time)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(
+            path for path in self.parts_dir.iterdir()
+            if path.name.startswith(PART_PREFIX) and path.name.endswith(PART_SUFFIX)
+        )
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files a killed run left behind (only ever called under the lock).
+
+        Beside the output only this output's own `.<name>.<pid>.tmp` files match, never those of
+        another output whose name merely starts the same way.
+        """
+        own_output_temp = re.compile(re.escape(f".{self.output.name}.") + r"\d+" + re.escape(TEMP_SUFFIX))
+        stale = [p for p in self.output.parent.iterdir() if own_output_temp.fullmatch(p.name)]
+        for folder in (self.parts_dir, self.dir):
+            if folder.is_dir():
+                stale += [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def committed(self) -> CommittedIndex:
+        """Read the key index of every committed part; an unreadable part is set aside, not trusted."""
+        tables: list[pa.Table] = []
+        parts: list[Path] = []
+        for path in self.part_paths():
+            try:
+                table = pq.read_table(path, columns=_INDEX_COLUMNS)
+            except Exception as exc:
+                quarantined = path.with_name(path.name + ".unreadable")
+                path.rename(quarantined)
+                log.warning("set aside unreadable part %s (%s); its images will be captioned again", path.name, exc)
+                continue
+            index = len(parts)
+            parts.append(path)
+            tables.append(
+                table.append_column("part", pa.array(np.full(table.num_rows, index, dtype=np.int32)))
+                .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            )
+        if not tables:
+            empty = pa.table(
+                {
+                    "key": pa.array([], pa.string()),
+                    "status": pa.array([], pa.string()),
+                    "error": pa.array([], pa.string()),
+                    "part": pa.array([], pa.int32()),
+                    "row": pa.array([], pa.int64()),
+                }
+            )
+            return CommittedIndex(parts=[], latest=empty)
+        every = pa.concat_tables(tables, promote_options="permissive")
+        every = every.append_column("order", pa.array(np.arange(every.num_rows, dtype=np.int64)))
+        newest = every.group_by("key", use_threads=False).aggregate([("order", "max")])
+        latest = every.take(newest["order_max"]).drop_columns(["order"])
+        return CommittedIndex(parts=parts, latest=latest)
+
+    # -- merge bookkeeping and run records --------------------------------------------------------
+
+    def output_is_current(self, parts: list[Path]) -> bool:
+        """True if the output file exists and was built from exactly these parts."""
+        if not self.output.exists() or not self.merged_path.is_file():
+            return False
+        merged = json.loads(self.merged_path.read_text(encoding="utf-8"))
+        return merged.get("parts") == [part.name for part in parts]
+
+    def record_merge(self, parts: list[Path]) -> None:
+        write_json_atomically(self.merged_path, {"parts": [part.name for part in parts]})
+
+    def record_run(self, run_id: str, record: dict[str, Any]) -> None:
+        write_json_atomically(self.runs_dir / f"{run_id}.json", record)
+
+    def last_run(self) -> dict[str, Any] | None:
+        records = sorted(self.runs_dir.glob("*.json")) if self.runs_dir.is_dir() else []
+        for path in reversed(records):
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def clear(self) -> None:
+        """Forget everything (for --overwrite): parts, runs, fingerprint, and the output itself."""
+        for folder in (self.parts_dir, self.runs_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        for path in (self.fingerprint_path, self.merged_path, self.output):
+            path.unlink(missing_ok=True)

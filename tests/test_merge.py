@@ -1,0 +1,133 @@
+"""Merging committed parts into the output: each key once with its newest row, atomically, recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from caprl_cli.errors import ErrorKind
+from caprl_cli.merge import merge_output
+from caprl_cli.rows import COLUMNS, SCHEMA, caption_row, error_row
+from caprl_cli.run_state import RunState
+from caprl_cli.writers import rows_to_table
+
+PROVENANCE = {"model": "tiny", "seed": 0, "note": "café ✓"}
+
+
+def _ok(key: str, caption: str) -> dict:
+    return caption_row(key=key, source=f"/data/{key}", model="tiny", caption=caption, finish_reason="stop",
+                       prompt_tokens=3, output_tokens=4, width=8, height=8)
+
+
+def _err(key: str) -> dict:
+    return error_row(key=key, source=f"/data/{key}", model="tiny", kind=ErrorKind.ENGINE, message="boom")
+
+
+PARTS = [
+    [_ok("a", "a1"), _err("b"), _ok("c", "c1"), _err("d")],
+    [_ok("e", "e1"), _ok("b", "b2")],
+    [_ok("a", "a3"), _ok("f", "f1")],
+]
+# Latest row of each key, in part order then row order.
+EXPECTED = [_ok("c", "c1"), _err("d"), _ok("e", "e1"), _ok("b", "b2"), _ok("a", "a3"), _ok("f", "f1")]
+
+
+@pytest.fixture(params=["parquet", "jsonl"])
+def fmt(request) -> str:
+    return request.param
+
+
+def _state(tmp_path: Path, fmt: str, parts: list[list[dict]] = PARTS) -> RunState:
+    state = RunState(tmp_path / f"out.{fmt}")
+    state.create()
+    for i, rows in enumerate(parts):
+        pq.write_table(rows_to_table(rows), state.parts_dir / f"part-2024010{i}T000000000000Z-1-000000.parquet")
+    return state
+
+
+def _read(path: Path, fmt: str) -> list[dict]:
+    if fmt == "parquet":
+        table = pq.read_table(path)
+        assert table.schema.equals(SCHEMA)
+        return table.to_pylist()
+    objects = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for obj in objects:
+        assert list(obj) == list(COLUMNS)
+    return objects
+
+
+def test_merge_keeps_latest_row_per_key_in_part_order(tmp_path: Path, fmt: str) -> None:
+    """Each key appears once, with its newest row, ordered by part then row."""
+    state = _state(tmp_path, fmt)
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    rows = _read(state.output, fmt)
+    assert rows == EXPECTED
+    assert len({row["key"] for row in rows}) == len(rows)
+
+
+def test_merge_leaves_no_temp_file_and_records_the_merge(tmp_path: Path, fmt: str) -> None:
+    """After the merge only the output and its state folder are beside it, and the output is current."""
+    state = _state(tmp_path, fmt)
+    index = state.committed()
+    assert not state.output_is_current(index.parts)
+    merge_output(state, index, fmt, PROVENANCE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([state.output.name, state.dir.name])
+    assert not [p for p in state.dir.rglob("*") if p.name.endswith(".tmp")]
+    assert state.output_is_current(index.parts)
+    assert state.output_is_current(state.part_paths())
+
+
+def test_merge_again_after_a_new_part(tmp_path: Path, fmt: str) -> None:
+    """A new part makes the output stale; merging again replaces it whole with the new latest rows."""
+    state = _state(tmp_path, fmt)
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    pq.write_table(rows_to_table([_ok("d", "d4")]), state.parts_dir / "part-20240109T000000000000Z-1-000000.parquet")
+    assert not state.output_is_current(state.part_paths())
+    index = state.committed()
+    merge_output(state, index, fmt, PROVENANCE)
+    assert state.output_is_current(state.part_paths())
+    rows = _read(state.output, fmt)
+    assert rows == [row for row in EXPECTED if row["key"] != "d"] + [_ok("d", "d4")]
+
+
+def test_parquet_merge_carries_provenance(tmp_path: Path) -> None:
+    """The provenance dict is stored as JSON under b"caprl" in the Parquet key-value metadata."""
+    state = _state(tmp_path, "parquet")
+    merge_output(state, state.committed(), "parquet", PROVENANCE)
+    metadata = pq.read_metadata(state.output).metadata
+    assert json.loads(metadata[b"caprl"].decode("utf-8")) == PROVENANCE
+
+
+def test_merge_with_no_parts_writes_an_empty_output(tmp_path: Path, fmt: str) -> None:
+    """An index without parts still commits an output: Parquet with the schema's columns, JSONL with no lines."""
+    state = _state(tmp_path, fmt, parts=[])
+    index = state.committed()
+    merge_output(state, index, fmt, PROVENANCE)
+    assert state.output.is_file()
+    if fmt == "parquet":
+        table = pq.read_table(state.output)
+        assert table.num_rows == 0
+        assert table.schema.names == list(COLUMNS)
+        assert table.schema.equals(SCHEMA)
+        assert json.loads(pq.read_metadata(state.output).metadata[b"caprl"]) == PROVENANCE
+    else:
+        assert state.output.read_text(encoding="utf-8") == ""
+    assert state.output_is_current([])
+
+
+def test_failed_merge_keeps_the_previous_output(tmp_path: Path, fmt: str) -> None:
+    """If a part vanishes mid-merge the old output stays, no temp file is left, and the merge is not recorded."""
+    state = _state(tmp_path, fmt)
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    before = state.output.read_bytes()
+    pq.write_table(rows_to_table([_ok("z", "z1")]), state.parts_dir / "part-20240109T000000000000Z-1-000000.parquet")
+    index = state.committed()
+    index.parts[-1].unlink()
+    with pytest.raises(Exception):
+        merge_output(state, index, fmt, PROVENANCE)
+    assert state.output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([state.output.name, state.dir.name])
+    assert not state.output_is_current(index.parts)

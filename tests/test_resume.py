@@ -1,0 +1,259 @@
+"""Crash-safe, resumable runs, tested on real processes: kill -9, SIGTERM, overlapping runs, changed
+settings, --retry-errors, growing folders, --max-runtime, status. Uses the transformers engine on the
+tiny model (fast to start); the vLLM engine's resume is covered in test_e2e_vllm."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from contract import read_rows
+
+FAST = ("--engine", "transformers", "--max-tokens", "8", "--batch-size", "2", "--no-progress")
+SLOW = ("--engine", "transformers", "--max-tokens", "96", "--temperature", "0", "--batch-size", "1",
+        "--flush-every", "1", "--no-progress")
+
+
+def caption_command(inputs: Path, output: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "caprl_cli", "caption", str(inputs), "-o", str(output), "--model", str(model),
+            *extra]
+
+
+def start(inputs: Path, output: Path, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(caption_command(inputs, output, model, *extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ.copy())
+
+
+def state_of(output: Path) -> Path:
+    return output.with_name(output.name + ".caprl")
+
+
+def committed_parts(output: Path) -> list[Path]:
+    return sorted((state_of(output) / "parts").glob("part-*.parquet"))
+
+
+def committed_keys(output: Path) -> list[str]:
+    """Keys of every committed part: each part must read cleanly."""
+    keys: list[str] = []
+    for part in committed_parts(output):
+        keys += pq.read_table(part, columns=["key"])["key"].to_pylist()
+    return keys
+
+
+def wait_for(condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def summary(output: Path) -> dict:
+    return json.loads(output.with_name(output.name + ".summary.json").read_text())
+
+
+def tree_digest(*paths: Path) -> dict[str, str]:
+    found = {}
+    for path in paths:
+        for item in sorted([path] if path.is_file() else path.rglob("*")):
+            if item.is_file():
+                found[str(item)] = hashlib.sha256(item.read_bytes()).hexdigest()
+    return found
+
+
+def make_images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        Image.new("RGB", (96 + 8 * index, 64), (index * 40 % 256, 90, 160)).save(folder / name)
+
+
+def test_kill9_at_random_moments_then_resume(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    """Five kill -9s at random instants (model load, captioning, merge): nothing lost, nothing twice."""
+    root, expected = corpus
+    output = tmp_path / "out.parquet"
+    moments = random.Random(7).sample([x / 2 for x in range(3, 22)], 5)
+    for moment in moments:
+        process = start(root, output, tiny_model, *FAST, "--flush-every", "2")
+        try:
+            process.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        process.communicate(timeout=60)
+        keys = committed_keys(output)
+        assert len(keys) == len(set(keys)), "an image was committed twice"
+        assert set(keys) <= set(expected)
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *FAST, "--flush-every", "2")
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(output)
+    assert sorted(row["key"] for row in rows) == sorted(expected)
+    keys = committed_keys(output)
+    assert sorted(keys) == sorted(expected)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_sigterm_drains_then_resume(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    root, expected = corpus
+    output = tmp_path / "out.parquet"
+    process = start(root, output, tiny_model, *SLOW)
+    wait_for(lambda: len(committed_parts(output)) >= 2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    done = {row["key"] for row in read_rows(output)}
+    assert done == set(committed_keys(output)) and 2 <= len(done) < len(expected)
+    assert summary(output)["run"]["stopped_by"] == "sigterm"
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
+    assert result.returncode == 0, result.stderr
+    assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
+    assert summary(output)["run"]["images"] == len(expected) - len(done)
+
+
+def test_overlapping_run_gets_75_or_waits(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    root, expected = corpus
+    output = tmp_path / "out.parquet"
+    first = start(root, output, tiny_model, *SLOW)
+    try:
+        wait_for(lambda: len(committed_parts(output)) >= 1)
+        second = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
+        assert second.returncode == 75, second.stderr
+        assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
+        waiting = start(root, output, tiny_model, *SLOW, "--wait")
+        time.sleep(2)
+        assert waiting.poll() is None, "--wait must wait for the lock"
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+        _, stderr = waiting.communicate(timeout=600)
+        assert waiting.returncode == 0, stderr
+    finally:
+        first.kill()
+    assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, run_caprl) -> Path:
+    root, _ = corpus
+    output = tmp_path_factory.mktemp("finished") / "out.jsonl"
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *FAST)
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_finished_run_does_nothing(finished: Path, corpus, tiny_model: Path, run_caprl) -> None:
+    root, expected = corpus
+    before = tree_digest(finished, state_of(finished))
+    mtime = finished.stat().st_mtime_ns
+    result = run_caprl("caption", root, "-o", finished, "--model", tiny_model, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stderr
+    assert "captioning" not in result.stderr  # no model was loaded
+    assert finished.stat().st_mtime_ns == mtime
+    assert tree_digest(finished) == {k: v for k, v in before.items() if k == str(finished)}
+
+
+@pytest.mark.parametrize(
+    "change", [("--prompt", "Name every object."), ("--seed", "5"), ("--max-pixels", "200704"), ("--engine", "vllm")]
+)
+def test_changed_settings_are_refused(finished: Path, corpus, tiny_model: Path, run_caprl, change) -> None:
+    root, _ = corpus
+    before = tree_digest(finished, state_of(finished))
+    fast = [arg for arg in FAST if arg not in ("--engine", "transformers")]
+    result = run_caprl("caption", root, "-o", finished, "--model", tiny_model, *fast, *change)
+    assert result.returncode == 2, result.stderr
+    assert change[0] in result.stderr
+    assert tree_digest(finished, state_of(finished)) == before
+
+
+def test_status(finished: Path, corpus, run_caprl) -> None:
+    root, expected = corpus
+    result = run_caprl("status", finished, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["done"] == len(expected)
+    assert status["errors"] == sum(kind is not None for kind in expected.values())
+    assert status["remaining"] is None
+    with_inputs = json.loads(run_caprl("status", finished, root, "--json").stdout)
+    assert with_inputs["remaining"] == 0
+    assert run_caprl("status", finished, root).returncode == 0
+    missing = run_caprl("status", finished.with_name("never.parquet"))
+    assert missing.returncode == 2
+
+
+def test_retry_errors(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    images = tmp_path / "images"
+    make_images(images, ["good.png"])
+    (images / "bad.png").write_bytes(b"")
+    output = tmp_path / "out.parquet"
+    assert run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST).returncode == 0
+    make_images(images, ["bad.png"])  # the file is fixed
+    again = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert {r["key"]: r["status"] for r in read_rows(output)} == {"good.png": "ok", "bad.png": "error"}
+    retried = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST, "--retry-errors")
+    assert retried.returncode == 0, retried.stderr
+    assert {r["key"]: r["status"] for r in read_rows(output)} == {"good.png": "ok", "bad.png": "ok"}
+    assert summary(output)["run"]["images"] == 1
+
+
+def test_growing_folder_and_limit(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    """Cron over a growing folder: each run captions only what is new; --limit caps a run."""
+    images = tmp_path / "images"
+    make_images(images, ["a.png", "b.png", "c.png"])
+    output = tmp_path / "out.jsonl"
+    first = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST, "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    assert len(read_rows(output)) == 2
+    make_images(images / "new", ["d.png", "e.png"])
+    second = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST)
+    assert second.returncode == 0, second.stderr
+    assert summary(output)["run"]["images"] == 3
+    keys = [row["key"] for row in read_rows(output)]
+    assert sorted(keys) == ["a.png", "b.png", "c.png", "new/d.png", "new/e.png"]
+
+
+def test_max_runtime_exits_3_then_completes(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    root, expected = corpus
+    output = tmp_path / "out.parquet"
+    partial = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW, "--max-runtime", "20s")
+    assert partial.returncode == 3, partial.stderr
+    assert summary(output)["run"]["stopped_by"] == "deadline"
+    status = json.loads(run_caprl("status", output, root, "--json").stdout)
+    assert status["remaining"] > 0 and status["done"] + status["remaining"] == len(expected)
+    rest = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
+    assert rest.returncode == 0, rest.stderr
+    assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
+
+
+def test_overwrite_starts_over(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    images = tmp_path / "images"
+    make_images(images, ["a.png", "b.png"])
+    output = tmp_path / "out.parquet"
+    assert run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST).returncode == 0
+    (images / "b.png").unlink()
+    result = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST, "--seed", "9", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert [row["key"] for row in read_rows(output)] == ["a.png"]
+    assert summary(output)["sampling"]["seed"] == 9
+
+
+def test_existing_foreign_output_is_refused(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    images = tmp_path / "images"
+    make_images(images, ["a.png"])
+    output = tmp_path / "out.parquet"
+    output.write_bytes(b"precious")
+    result = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FAST)
+    assert result.returncode == 2
+    assert output.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out.parquet"]
