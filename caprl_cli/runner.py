@@ -205,7 +205,12 @@ def caption_plan(
     sink = RowSink(parts, Progress(0, enabled=False))
     engine: Engine | None = None
     try:
-        engine = start_engine(settings, engine_spec(settings, source, profile))
+        try:
+            engine = start_engine(settings, engine_spec(settings, source, profile))
+        except EngineStartError:
+            if stopper.reason is None:
+                raise
+            return sink.counts, 0.0, facts  # a signal during loading took the engine down with it
         facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
         if stopper.should_stop():
             return sink.counts, 0.0, facts
