@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -142,6 +142,12 @@ def source_of(key: str) -> str:
     return f"{IMAGE_ROOT}/{key}"
 
 
+def sample_of(sample_id: int) -> Sample:
+    """An input as `list_samples` would give it for an image on disk."""
+    key = key_of(sample_id)
+    return Sample(key=key, source=source_of(key), path=source_of(key))
+
+
 # -- synthesis -------------------------------------------------------------------------------------
 
 
@@ -190,6 +196,31 @@ def make_error_row(rng: random.Random, key: str) -> Row:
     return error_row(key=key, source=source_of(key), model=MODEL, kind=kind, message=message)
 
 
+def commit_run(parts_dir: Path, flush_rows: int, rows: Iterable[Row]) -> int:
+    """Commit rows as one run does: a PartWriter of its own run id, a part every `flush_rows` rows.
+
+    The timer is pushed out of reach so that parts hold exactly `flush_rows` rows, whatever the speed
+    of this machine. Returns how many parts were written.
+    """
+    writer = PartWriter(parts_dir, new_run_id(), flush_rows=flush_rows, flush_seconds=1e9)
+    try:
+        for row in rows:
+            writer.add(row)
+    finally:
+        writer.close()
+    return len(writer.written)
+
+
+def first_run_rows(workload: Workload, rng: random.Random, error_ids: list[int]) -> Iterator[Row]:
+    """Every committed key once, about 2% of them as errors (their ids are appended to `error_ids`)."""
+    for sample_id in workload.committed_ids():
+        if rng.random() < ERROR_FRACTION:
+            error_ids.append(sample_id)
+            yield make_error_row(rng, key_of(sample_id))
+        else:
+            yield make_ok_row(rng, key_of(sample_id))
+
+
 def synthesise(output: Path, workload: Workload) -> Workload:
     """Leave the state folder a run (and, with `retried`, a later --retry-errors run) would leave."""
     state = RunState(output)
@@ -197,28 +228,13 @@ def synthesise(output: Path, workload: Workload) -> Workload:
     state.write_fingerprint({"model": MODEL, "prompt": "Please describe this image in detail.", "seed": 0})
     rng = random.Random(workload.seed)
     error_ids: list[int] = []
-    first = PartWriter(state.parts_dir, new_run_id(), flush_rows=workload.flush_rows, flush_seconds=1e9)
-    try:
-        for sample_id in workload.committed_ids():
-            is_error = rng.random() < ERROR_FRACTION
-            row = make_error_row(rng, key_of(sample_id)) if is_error else make_ok_row(rng, key_of(sample_id))
-            if is_error:
-                error_ids.append(sample_id)
-            first.add(row)
-    finally:
-        first.close()
-    written = len(first.written)
+    written = commit_run(state.parts_dir, workload.flush_rows, first_run_rows(workload, rng, error_ids))
+    if workload.retried > len(error_ids):
+        raise SystemExit(f"--retried {workload.retried} is more than the {len(error_ids)} error rows")
     if workload.retried:
-        if workload.retried > len(error_ids):
-            raise SystemExit(f"--retried {workload.retried} is more than the {len(error_ids)} error rows")
-        time.sleep(0.001)  # a later run id, so its parts sort after the first run's
-        second = PartWriter(state.parts_dir, new_run_id(), flush_rows=workload.flush_rows, flush_seconds=1e9)
-        try:
-            for sample_id in rng.sample(error_ids, workload.retried):
-                second.add(make_ok_row(rng, key_of(sample_id)))
-        finally:
-            second.close()
-        written += len(second.written)
+        # A later run id (they sort by start time), so these parts sort after the first run's.
+        retried = sorted(rng.sample(error_ids, workload.retried))
+        written += commit_run(state.parts_dir, workload.flush_rows, (make_ok_row(rng, key_of(i)) for i in retried))
     return replace(workload, part_files=written, error_rows=len(error_ids))
 
 
@@ -328,7 +344,7 @@ def phase_scan(workdir: Path, workload: Workload) -> PhaseResult:
     in the baseline RSS, which is reported, together with the RSS of the bare interpreter.
     """
     interpreter_kib = current_rss_kib()
-    samples = [Sample(key=key_of(i), source=source_of(key_of(i)), path=source_of(key_of(i))) for i in workload.input_ids()]
+    samples = [sample_of(i) for i in workload.input_ids()]
     expected_todo = [key_of(i) for i in sorted(workload.new_ids())]
     with measured() as m:
         index = RunState(workdir / OUTPUT_NAME).committed()
@@ -390,7 +406,8 @@ def check_parquet_output(path: Path, workload: Workload) -> dict[str, Any]:
     check(table.num_rows == workload.distinct_keys, f"{table.num_rows} rows != {workload.distinct_keys} keys")
     check(distinct == table.num_rows, f"{table.num_rows - distinct} duplicate keys in the output")
     errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
-    check(errors == workload.error_rows - workload.retried, f"{errors} error rows, expected {workload.error_rows - workload.retried}")
+    expected_errors = workload.error_rows - workload.retried
+    check(errors == expected_errors, f"{errors} error rows in the output, expected {expected_errors}")
     return {"row_groups": metadata.num_row_groups, "footer_kib": round(metadata.serialized_size / 1024, 1)}
 
 
@@ -426,7 +443,18 @@ def run_phase_in_child(name: str, workdir: Path) -> dict[str, Any]:
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"phase {name} failed with exit code {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time (the machine may be shared), with every run's time and peak kept."""
+    chosen = sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+    return {
+        **chosen,
+        "runs_seconds": [run["seconds"] for run in runs],
+        "runs_peak_delta_mib": [run["peak_delta_mib"] for run in runs],
+    }
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -457,13 +485,14 @@ def print_table(workload: Workload, synthesis_s: float, parts_mib: float, phases
         f"{workload.retried:,} retried) in {workload.part_files:,} parts, {parts_mib:,} MiB; "
         f"synthesis {synthesis_s:.1f} s (not counted)"
     )
-    header = f"{'phase':<20} {'seconds':>9} {'rows/s':>11} {'peak-base MiB':>14} {'base MiB':>9}"
+    header = f"{'phase':<20} {'seconds':>9} {'rows/s':>11} {'peak-base MiB':>14} {'base MiB':>9}  {'runs (s)'}"
     print(header)
     print("-" * len(header))
     for phase in phases:
         print(
             f"{phase['name']:<20} {phase['seconds']:>9.2f} {phase['rows_per_s']:>11,} "
-            f"{phase['peak_delta_mib']:>14,.1f} {phase['baseline_rss_mib']:>9,.1f}"
+            f"{phase['peak_delta_mib']:>14,.1f} {phase['baseline_rss_mib']:>9,.1f}  "
+            + " ".join(f"{seconds:.2f}" for seconds in phase["runs_seconds"])
         )
         for step, figures in phase["steps"].items():
             print(f"  {step:<18} {figures['seconds']:>9.2f} {'':>11} {figures['peak_delta_mib_so_far']:>14,.1f}")
@@ -481,12 +510,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows")
     parser.add_argument("--workdir", type=Path, help="where the state folder goes (default: a fresh temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the default temp dir at the end")
-    parser.add_argument("--reuse", action="store_true", help="reuse --workdir's state folder if it has the same workload")
+    parser.add_argument("--reuse", action="store_true", help="reuse --workdir's parts if the workload is the same")
+    parser.add_argument("--repeat", type=int, default=1, help="run each phase N times, report the median (default 1)")
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     if args.rows < 1 or args.parts < 1 or args.parts > args.rows:
         parser.error("need 1 <= --parts <= --rows")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.phase and not args.workdir:
         parser.error("--phase needs --workdir")
     return args
@@ -520,7 +552,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     phases = []
     for name in PHASES:
         print(f"  {name} ...", flush=True)
-        phases.append(run_phase_in_child(name, workdir))
+        phases.append(median_run([run_phase_in_child(name, workdir) for _ in range(args.repeat)]))
     print_table(workload, synthesis_s or 0.0, parts_mib, phases)
     return {
         "machine": machine(),

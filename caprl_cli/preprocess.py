@@ -7,8 +7,11 @@ order. Every failure comes back as a `Failed` value, never as an exception.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
@@ -71,12 +74,26 @@ def prepare_sample(sample: Sample, grid: Grid, max_image_pixels: int) -> Outcome
     return Prepared(sample, pixels.image, pixels.width, pixels.height)
 
 
+_PR_SET_PDEATHSIG = 1
 _worker_grid: Grid | None = None
 _worker_max_image_pixels: int = 0
 
 
-def _init_worker(grid: Grid, max_image_pixels: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Never outlive the run: a kill -9'd parent must not leave idle decoders behind (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+def _init_worker(grid: Grid, max_image_pixels: int, parent_pid: int) -> None:
     global _worker_grid, _worker_max_image_pixels
+    _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just go quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_grid = grid
@@ -106,7 +123,7 @@ class Preprocessor:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.grid, self.max_image_pixels),
+            initargs=(self.grid, self.max_image_pixels, os.getpid()),
         )
 
     def prepare(self, samples: Iterable[Sample]) -> Iterator[Outcome]:

@@ -23,8 +23,11 @@ from conftest import ROOT
 from contract import read_rows
 
 FAST = ("--engine", "transformers", "--max-tokens", "8", "--batch-size", "2", "--no-progress")
-SLOW = ("--engine", "transformers", "--max-tokens", "96", "--temperature", "0", "--batch-size", "1",
-        "--flush-every", "1", "--no-progress")
+# Long random captions one at a time: a run that lasts long enough to be interrupted on any machine.
+SLOW = ("--engine", "transformers", "--max-tokens", "256", "--batch-size", "1", "--flush-every", "1",
+        "--no-progress")
+# The same settings (batch size is not part of the fingerprint), batched to finish quickly.
+FINISH = (*SLOW, "--batch-size", "8")
 
 
 def caption_command(inputs: Path, output: Path, model: Path, *extra: str) -> list[str]:
@@ -115,7 +118,7 @@ def test_sigterm_drains_then_resume(corpus, tiny_model: Path, tmp_path: Path, ru
     done = {row["key"] for row in read_rows(output)}
     assert done == set(committed_keys(output)) and 2 <= len(done) < len(expected)
     assert summary(output)["run"]["stopped_by"] == "sigterm"
-    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *FINISH)
     assert result.returncode == 0, result.stderr
     assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
     assert summary(output)["run"]["images"] == len(expected) - len(done)
@@ -130,7 +133,7 @@ def test_overlapping_run_gets_75_or_waits(corpus, tiny_model: Path, tmp_path: Pa
         second = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
         assert second.returncode == 75, second.stderr
         assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
-        waiting = start(root, output, tiny_model, *SLOW, "--wait")
+        waiting = start(root, output, tiny_model, *FINISH, "--wait")
         time.sleep(2)
         assert waiting.poll() is None, "--wait must wait for the lock"
         first.send_signal(signal.SIGTERM)
@@ -223,17 +226,21 @@ def test_growing_folder_and_limit(tiny_model: Path, tmp_path: Path, run_caprl) -
     assert sorted(keys) == ["a.png", "b.png", "c.png", "new/d.png", "new/e.png"]
 
 
-def test_max_runtime_exits_3_then_completes(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
-    root, expected = corpus
+def test_max_runtime_exits_3_then_completes(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    images = tmp_path / "images"
+    names = [f"img{index:02d}.png" for index in range(60)]
+    make_images(images, names)
     output = tmp_path / "out.parquet"
-    partial = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW, "--max-runtime", "20s")
+    started = time.monotonic()
+    partial = run_caprl("caption", images, "-o", output, "--model", tiny_model, *SLOW, "--max-runtime", "15s")
+    assert time.monotonic() - started < 30
     assert partial.returncode == 3, partial.stderr
     assert summary(output)["run"]["stopped_by"] == "deadline"
-    status = json.loads(run_caprl("status", output, root, "--json").stdout)
-    assert status["remaining"] > 0 and status["done"] + status["remaining"] == len(expected)
-    rest = run_caprl("caption", root, "-o", output, "--model", tiny_model, *SLOW)
+    status = json.loads(run_caprl("status", output, images, "--json").stdout)
+    assert status["remaining"] > 0 and status["done"] + status["remaining"] == len(names)
+    rest = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FINISH)
     assert rest.returncode == 0, rest.stderr
-    assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
+    assert sorted(row["key"] for row in read_rows(output)) == names
 
 
 def test_overwrite_starts_over(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
