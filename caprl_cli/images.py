@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps
@@ -38,12 +40,7 @@ def prepare_image(data: bytes, grid: Grid, max_image_pixels: int) -> PreparedPix
     """Decode `data`, orient, convert to RGB and resize it onto `grid`."""
     if not data:
         raise SampleError(ErrorKind.DECODE, "empty file")
-    # Process-wide Pillow settings, set on every call so no other code can have loosened them:
-    # never guess at truncated data, and let Pillow's bomb check use the same cap as ours.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with _pillow_limits(max_image_pixels):
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -54,6 +51,20 @@ def prepare_image(data: bytes, grid: Grid, max_image_pixels: int) -> PreparedPix
             raise SampleError(ErrorKind.DECODE, f"not a readable image ({_describe(exc)})") from None
         with img:
             return _prepare_opened(img, grid, max_image_pixels)
+
+
+@contextmanager
+def _pillow_limits(max_image_pixels: int) -> Iterator[None]:
+    """Pillow's process-wide limits for one decode: its bomb check uses our cap (a bomb warning is an
+    error), and truncated data is never guessed at. The previous values are restored afterwards."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_image_pixels, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def _prepare_opened(img: Image.Image, grid: Grid, max_image_pixels: int) -> PreparedPixels:

@@ -58,6 +58,15 @@ class RunReport:
         return self.plan.remaining_after + len(self.plan.todo) - self.run.images
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What the captioning part of a run did, and what its model told us."""
+
+    counts: RunCounts
+    images_per_s: float
+    facts: ModelFacts
+
+
 class RowSink:
     """Counts each finished row, shows progress, and hands the row to the part writer."""
 
@@ -195,10 +204,8 @@ def load_model(settings: CaptionSettings) -> tuple[ModelSource, ModelProfile]:
     return source, profile
 
 
-def caption_plan(
-    settings: CaptionSettings, plan: Plan, parts: PartWriter, stopper: Stopper
-) -> tuple[RunCounts, float, ModelFacts]:
-    """Caption `plan.todo` into committed parts; return counts, images/s and what the model told us."""
+def caption_plan(settings: CaptionSettings, plan: Plan, parts: PartWriter, stopper: Stopper) -> RunOutcome:
+    """Caption `plan.todo` into committed parts."""
     source, profile = load_model(settings)
     facts = ModelFacts(model_revision=source.revision, prompt_text=profile.prompt_text, grid_factor=profile.grid.factor)
     preprocessor = Preprocessor(profile.grid, settings.max_image_pixels, settings.workers)
@@ -210,10 +217,10 @@ def caption_plan(
         except EngineStartError:
             if stopper.reason is None:
                 raise
-            return sink.counts, 0.0, facts  # a signal during loading took the engine down with it
+            return RunOutcome(sink.counts, 0.0, facts)  # a signal during loading took the engine down
         facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
         if stopper.should_stop():
-            return sink.counts, 0.0, facts
+            return RunOutcome(sink.counts, 0.0, facts)
         log.info("captioning %d images with %s on %s", len(plan.todo), settings.model, engine.version)
         sink.progress = Progress(len(plan.todo), enabled=settings.progress)
         outcomes = preprocessor.prepare(plan.todo)
@@ -225,7 +232,7 @@ def caption_plan(
             if stopper.reason is None:
                 raise
             log.debug("engine stopped with an error after %s", stopper.reason.value, exc_info=True)
-        return sink.counts, sink.progress.rate(), facts
+        return RunOutcome(sink.counts, sink.progress.rate(), facts)
     finally:
         sink.progress.close()
         preprocessor.close()
@@ -236,28 +243,25 @@ def caption_plan(
 def finish(
     settings: CaptionSettings,
     state: RunState,
-    *,
     run_id: str,
-    facts: ModelFacts,
-    started_at: str,
-    started: float,
-    images_per_s: float,
-    run: RunCounts,
+    started: tuple[str, float],
     plan: Plan,
+    outcome: RunOutcome,
     stop_reason: StopReason | None,
 ) -> RunReport:
     """Merge the parts into the output, write the summary and the run record."""
+    started_at, started_clock = started
     index = state.committed()
     errors_by_kind = index.error_counts()
     totals = totals_of(index.size - sum(errors_by_kind.values()), errors_by_kind)
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - started_clock
     provenance = build_provenance(
         settings,
-        facts=facts,
+        facts=outcome.facts,
         started_at=started_at,
         elapsed_s=elapsed,
-        images_per_s=images_per_s,
-        run=run,
+        images_per_s=outcome.images_per_s,
+        run=outcome.counts,
         totals=totals,
         stop_reason=stop_reason.value if stop_reason else None,
     )
@@ -265,18 +269,9 @@ def finish(
     if not state.output_is_current(index.parts):
         merge_output(state, index, settings.output_format, provenance)
         write_json_atomically(summary, provenance)
-    if run.images:
-        state.record_run(run_id, {**provenance["run"], "facts": asdict(facts)})
-    return RunReport(
-        output=settings.output,
-        summary=summary,
-        run=run,
-        totals=totals,
-        plan=plan,
-        elapsed_s=elapsed,
-        images_per_s=images_per_s,
-        stop_reason=stop_reason,
-    )
+    if outcome.counts.images:
+        state.record_run(run_id, {**provenance["run"], "facts": asdict(outcome.facts)})
+    return RunReport(settings.output, summary, outcome.counts, totals, plan, elapsed, outcome.images_per_s, stop_reason)
 
 
 def last_facts(state: RunState) -> ModelFacts:
@@ -305,25 +300,14 @@ def run_caption(settings: CaptionSettings) -> RunReport:
         if plan.already_done:
             log.info("%d of %d images are already in %s", plan.already_done, plan.inputs, settings.output)
         run_id = new_run_id()
-        run, images_per_s, facts = RunCounts(), 0.0, last_facts(state)
+        outcome = RunOutcome(RunCounts(), 0.0, last_facts(state))
         if plan.todo:
             parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every)
             try:
-                run, images_per_s, facts = caption_plan(settings, plan, parts, stopper)
+                outcome = caption_plan(settings, plan, parts, stopper)
             finally:
                 parts.close()
-        return finish(
-            settings,
-            state,
-            run_id=run_id,
-            facts=facts,
-            started_at=started_at,
-            started=started,
-            images_per_s=images_per_s,
-            run=run,
-            plan=plan,
-            stop_reason=stopper.reason,
-        )
+        return finish(settings, state, run_id, (started_at, started), plan, outcome, stopper.reason)
     except UsageError:
         if new_state and not state.exists():  # refused before starting: leave no trace
             shutil.rmtree(state.dir, ignore_errors=True)

@@ -19,13 +19,6 @@ from corpus import BOMB_SIZE, EXIF_ROTATED_KEY, EXIF_ROTATED_SIZE
 GRID = Grid(28)
 
 
-@pytest.fixture(autouse=True)
-def _restore_pillow_limits():
-    """prepare_image sets Pillow's process-wide bomb limit; give other tests back what they had."""
-    saved = Image.MAX_IMAGE_PIXELS
-    yield
-    Image.MAX_IMAGE_PIXELS = saved
-
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
     buffer = io.BytesIO()
@@ -337,3 +330,15 @@ def test_colour_key_transparency_becomes_white(mode: str, key) -> None:
     assert reopened.convert("RGBA").getpixel((0, 0))[3] == 0  # Pillow itself reads it as transparent
     assert to_rgb(reopened).getpixel((0, 0)) == (255, 255, 255)
     assert prepare_image(data, GRID, DEFAULT_MAX_IMAGE_PIXELS).image.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_pillow_limits_are_restored(corpus) -> None:
+    """Decoding applies the cap only for its own duration: Pillow's globals are left as found."""
+    from PIL import ImageFile
+
+    root, _ = corpus
+    before = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    prepare_image((root / "photo_640x480.jpg").read_bytes(), GRID, 1_000_000_000)
+    with pytest.raises(SampleError):
+        prepare_image((root / "bomb.png").read_bytes(), GRID, 1000)
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before

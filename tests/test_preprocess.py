@@ -17,13 +17,6 @@ from caprl_cli.preprocess import Failed, Prepared, Preprocessor, prepare_sample,
 GRID = Grid(28)
 
 
-@pytest.fixture(autouse=True)
-def _restore_pillow_limits():
-    """In-process preparation sets Pillow's process-wide bomb limit; restore it for other tests."""
-    saved = Image.MAX_IMAGE_PIXELS
-    yield
-    Image.MAX_IMAGE_PIXELS = saved
-
 
 def _png(size=(64, 48), colour="red") -> bytes:
     buffer = io.BytesIO()
