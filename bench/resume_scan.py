@@ -47,7 +47,6 @@ from caprl_cli.run_state import RunState
 
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "out.parquet"
-JSONL_NAME = "out.jsonl"
 MODEL = "internlm/CapRL-3B"
 IMAGE_ROOT = "/data/images"
 NEW_FRACTION = 0.01  # inputs added since the last run: what the plan must find
@@ -135,6 +134,7 @@ class Workload:
 
 
 def key_of(sample_id: int) -> str:
+    """A key like a sharded dataset's, fixed width, so sorting keys sorts ids."""
     return f"shard-{sample_id // KEYS_PER_SHARD:05d}/{sample_id:09d}.jpg"
 
 
@@ -167,6 +167,7 @@ def make_caption(rng: random.Random) -> str:
 
 
 def make_ok_row(rng: random.Random, key: str) -> Row:
+    """A captioned row with every column filled as the runner fills it."""
     caption = make_caption(rng)
     width, height = rng.choice([(1024, 768), (768, 1024), (1920, 1080), (640, 480), (1280, 1280)])
     return caption_row(
@@ -183,6 +184,7 @@ def make_ok_row(rng: random.Random, key: str) -> Row:
 
 
 def make_error_row(rng: random.Random, key: str) -> Row:
+    """An error row of a random kind, weighted roughly as they occur (undecodable files most)."""
     kind, template, _ = rng.choices(ERROR_MESSAGES, weights=[w for *_, w in ERROR_MESSAGES])[0]
     message = template.format(
         source=source_of(key),
@@ -369,26 +371,29 @@ def phase_scan(workdir: Path, workload: Workload) -> PhaseResult:
     )
 
 
-def jsonl_state(workdir: Path) -> RunState:
-    """A state for out.jsonl: merge_output reads the parts the index names and records merged.json here."""
-    state = RunState(workdir / JSONL_NAME)
-    state.dir.mkdir(exist_ok=True)
-    return state
-
-
 def phase_merge(workdir: Path, workload: Workload, output_format: str) -> PhaseResult:
-    """The final merge into one output file; the index it needs is built before the clock starts."""
-    state = RunState(workdir / OUTPUT_NAME) if output_format == "parquet" else jsonl_state(workdir)
-    index = RunState(workdir / OUTPUT_NAME).committed()
+    """The final merge into one output file, on a copy of the state folder: a merge of many parts also
+    compacts them into one, which would change the workload of the phases after it. The copy and the
+    index the merge needs are made before the clock starts."""
+    scratch = workdir / f"merge-{output_format}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    state = RunState(scratch / f"out.{output_format}")
+    shutil.copytree(RunState(workdir / OUTPUT_NAME).dir, state.dir)
+    index = state.committed()
     with measured() as m:
         merge_output(state, index, output_format, {"bench": True})
-    facts: dict[str, Any] = {"output_mib": round(state.output.stat().st_size / 2**20, 1)}
+    facts: dict[str, Any] = {
+        "output_mib": round(state.output.stat().st_size / 2**20, 1),
+        "parts_after": len(state.part_paths()),
+    }
     if output_format == "parquet":
         facts.update(check_parquet_output(state.output, workload))
     else:
         with open(state.output, "rb") as handle:
             lines = sum(1 for _ in handle)
         check(lines == workload.distinct_keys, f"{lines} JSONL lines != {workload.distinct_keys} keys")
+    shutil.rmtree(scratch)
     return PhaseResult(
         name=f"merge-{output_format}",
         what=f'merge_output(..., "{output_format}", ...)',
@@ -476,6 +481,7 @@ def machine() -> dict[str, Any]:
 
 
 def folder_mib(path: Path) -> float:
+    """Bytes on disk of the parts, to show how much data each phase reads."""
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
 
@@ -503,6 +509,7 @@ def print_table(workload: Workload, synthesis_s: float, parts_mib: float, phases
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The same parser serves the parent and the per-phase children (hidden --phase)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="committed rows (default 1,000,000)")
     parser.add_argument("--parts", type=int, default=1000, help="parts the rows are committed in (default 1,000)")
@@ -525,6 +532,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_manifest(workdir: Path) -> Workload | None:
+    """The workload a state folder was made for, so children check against the same numbers."""
     path = workdir / MANIFEST
     return Workload(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
@@ -545,6 +553,7 @@ def prepare(workdir: Path, wanted: Workload, reuse: bool) -> tuple[Workload, flo
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Synthesise (or reuse), run every phase in its own child, print the table; return the result."""
     workdir: Path = args.workdir
     wanted = Workload(rows=args.rows, parts=args.parts, retried=args.retried, seed=args.seed)
     workload, synthesis_s = prepare(workdir, wanted, args.reuse)
@@ -564,6 +573,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """As a child (--phase), run one phase and print its JSON; otherwise run the whole benchmark."""
     args = parse_args(argv)
     if args.phase:
         workload = load_manifest(args.workdir)

@@ -1,30 +1,58 @@
 """Build the requested output file from the committed parts: latest row per key, one atomic commit.
 
 Parts are read one at a time, so merging a million rows needs memory for one part plus the key index.
-A key captioned again (`--retry-errors`) keeps only its newest row.
+A key captioned again (`--retry-errors`) keeps only its newest row. When many small parts have piled
+up (a long run flushes every few seconds), the same pass also writes them as one compacted part and
+drops the small ones, so later resume scans read a few files instead of thousands.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from caprl_cli.run_state import CommittedIndex, RunState
-from caprl_cli.writers import open_writer
+from caprl_cli.parts import new_run_id
+from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, CommittedIndex, RunState
+from caprl_cli.writers import ParquetRowWriter, open_writer
+
+# More committed parts than this are compacted into one while merging.
+COMPACT_ABOVE_PARTS = 64
 
 
 def merge_output(state: RunState, index: CommittedIndex, output_format: str, provenance: dict[str, Any]) -> None:
     """Write `state.output` from `index`'s parts and record which parts it was built from."""
     writer = open_writer(output_format, state.output)
+    compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
+    compacted = ParquetRowWriter(compacted_path) if compacted_path else None
     try:
         for part, rows in zip(index.parts, index.rows_by_part()):
             if len(rows) == 0:
                 continue
-            table = pq.read_table(part)
-            writer.write_table(table if len(rows) == table.num_rows else table.take(rows))
+            with pq.ParquetFile(part) as parquet:
+                table = parquet.read()
+            latest = table if len(rows) == table.num_rows else table.take(rows)
+            writer.write_table(latest)
+            if compacted is not None:
+                compacted.write_table(latest)
         writer.commit(provenance)
     except BaseException:
         writer.abort()
+        if compacted is not None:
+            compacted.abort()
         raise
-    state.record_merge(index.parts)
+    if compacted is None or compacted_path is None:
+        state.record_merge(index.parts)
+        return
+    compacted.commit({"compacted_parts": len(index.parts)})
+    # The compacted part sorts after the parts it replaces and holds the same latest rows, so a crash
+    # before every old part is gone leaves nothing a later run could misread.
+    state.record_merge([compacted_path])
+    for part in index.parts:
+        part.unlink(missing_ok=True)
+
+
+def compacted_part_path(state: RunState) -> Path:
+    """A part name that sorts after every part committed so far."""
+    return state.parts_dir / f"{PART_PREFIX}{new_run_id()}-compacted{PART_SUFFIX}"

@@ -198,7 +198,8 @@ class RunState:
         parts: list[Path] = []
         for path in self.part_paths():
             try:
-                table = pq.read_table(path, columns=_INDEX_COLUMNS)
+                with pq.ParquetFile(path) as parquet:
+                    table = parquet.read(columns=_INDEX_COLUMNS)
             except Exception as exc:
                 quarantined = path.with_name(path.name + ".unreadable")
                 path.rename(quarantined)

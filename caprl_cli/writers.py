@@ -61,23 +61,45 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     fsync_rename(temp, path)
 
 
-class ParquetRowWriter:
-    """One row group per `write`; provenance goes into the file's key-value metadata."""
+# Rows per row group: large enough for a small footer and fast scans, small enough (tens of MB of
+# captions) to keep memory flat.
+ROW_GROUP_ROWS = 16_384
+# Min/max statistics only where they help filtering; long text columns would bloat every footer.
+STATISTICS_COLUMNS = ["key", "status", "finish_reason", "prompt_tokens", "output_tokens", "width", "height", "model"]
 
-    def __init__(self, path: Path) -> None:
+
+class ParquetRowWriter:
+    """Rows gathered into row groups of `row_group_rows`; provenance in the key-value metadata."""
+
+    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.path = path
         self.temp = temp_path_for(path)
-        self._writer = pq.ParquetWriter(self.temp, SCHEMA, compression="zstd")
+        self.row_group_rows = row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer = pq.ParquetWriter(
+            self.temp, SCHEMA, compression="zstd", write_statistics=STATISTICS_COLUMNS
+        )
 
     def write(self, rows: list[Row]) -> None:
         if rows:
             self.write_table(rows_to_table(rows))
 
     def write_table(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._writer.write_table(table.select(list(COLUMNS)).cast(SCHEMA))
+        if not table.num_rows:
+            return
+        self._pending.append(table.select(list(COLUMNS)).cast(SCHEMA))
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_rows)
+            self._pending, self._pending_rows = [], 0
 
     def commit(self, provenance: dict[str, Any]) -> None:
+        self._write_pending()
         self._writer.add_key_value_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
         self._writer.close()
         fsync_rename(self.temp, self.path)

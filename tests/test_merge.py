@@ -131,3 +131,49 @@ def test_failed_merge_keeps_the_previous_output(tmp_path: Path, fmt: str) -> Non
     assert state.output.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([state.output.name, state.dir.name])
     assert not state.output_is_current(index.parts)
+
+
+def _many_parts(tmp_path: Path, fmt: str, count: int) -> RunState:
+    """`count` one-row parts; key k0 is an error first and captioned again in the last part."""
+    state = RunState(tmp_path / f"out.{fmt}")
+    state.create()
+    rows = [[_err("k0")]] + [[_ok(f"k{i}", f"c{i}")] for i in range(1, count - 1)] + [[_ok("k0", "again")]]
+    for i, part_rows in enumerate(rows):
+        name = f"part-20240101T000000{i:06d}Z-1-000000000.parquet"
+        pq.write_table(rows_to_table(part_rows), state.parts_dir / name)
+    return state
+
+
+def test_many_parts_are_compacted_while_merging(tmp_path: Path, fmt: str) -> None:
+    """Past COMPACT_ABOVE_PARTS, the merge leaves one part holding exactly the latest rows."""
+    from caprl_cli.merge import COMPACT_ABOVE_PARTS
+
+    count = COMPACT_ABOVE_PARTS + 6
+    state = _many_parts(tmp_path, fmt, count)
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    parts = state.part_paths()
+    assert len(parts) == 1 and parts[0].name.endswith("-compacted.parquet")
+    compacted = pq.read_table(parts[0]).to_pylist()
+    assert sorted(row["key"] for row in compacted) == sorted(f"k{i}" for i in range(count - 1))
+    assert {row["key"]: row["caption"] for row in compacted}["k0"] == "again"
+    assert _read(state.output, fmt) == compacted
+    assert state.output_is_current(parts)
+    assert not [p for p in state.parts_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_compaction_interrupted_before_cleanup_reads_the_same(tmp_path: Path, fmt: str) -> None:
+    """Old parts left beside the compacted one (a crash mid-cleanup) change no latest row."""
+    from caprl_cli.merge import COMPACT_ABOVE_PARTS
+
+    state = _many_parts(tmp_path, fmt, COMPACT_ABOVE_PARTS + 6)
+    before = {row["key"]: row for row in state.committed().latest.select(["key", "status"]).to_pylist()}
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    compacted = state.part_paths()[0]
+    # Put the old parts back as if the process had died before deleting them.
+    restored = _many_parts(tmp_path / "again", fmt, COMPACT_ABOVE_PARTS + 6)
+    for part in restored.part_paths():
+        part.rename(state.parts_dir / part.name)
+    index = state.committed()
+    assert state.part_paths()[-1] == compacted
+    assert {row["key"]: row for row in index.latest.select(["key", "status"]).to_pylist()} == before
+    assert not state.output_is_current(index.parts)
