@@ -188,6 +188,11 @@ def check_fingerprint(state: RunState, settings: CaptionSettings) -> None:
         state.write_fingerprint(current)
         return
     changed = fingerprint_changes(stored, current)
+    if changed and not state.part_paths() and not settings.output.exists():
+        # Nothing was ever committed under the old settings (a first run that failed early, say):
+        # there are no captions to protect, so the new settings simply take over.
+        state.write_fingerprint(current)
+        return
     if changed:
         raise UsageError(
             f"{settings.output} was captioned with other settings ({', '.join(changed)} changed); "
@@ -309,7 +314,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
                 parts.close()
         return finish(settings, state, run_id, (started_at, started), plan, outcome, stopper.reason)
     except UsageError:
-        if new_state and not state.exists():  # refused before starting: leave no trace
+        if new_state and not state.part_paths():  # refused before anything was committed: no trace
             shutil.rmtree(state.dir, ignore_errors=True)
         raise
     finally:

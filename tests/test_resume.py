@@ -106,18 +106,22 @@ def test_kill9_at_random_moments_then_resume(corpus, tiny_model: Path, tmp_path:
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_sigterm_drains_then_resume(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGTERM, 143, "sigterm"), (signal.SIGINT, 130, "sigint")])
+def test_signal_drains_then_resume(
+    corpus, tiny_model: Path, tmp_path: Path, run_caprl, signum: int, code: int, name: str
+) -> None:
+    """The first signal commits what is finished, merges and writes the summary; the same command resumes."""
     root, expected = corpus
     output = tmp_path / "out.parquet"
     process = start(root, output, tiny_model, *SLOW)
     wait_for(lambda: len(committed_parts(output)) >= 2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     done = {row["key"] for row in read_rows(output)}
     assert done == set(committed_keys(output)) and 2 <= len(done) < len(expected)
-    assert summary(output)["run"]["stopped_by"] == "sigterm"
+    assert summary(output)["run"]["stopped_by"] == name
     result = run_caprl("caption", root, "-o", output, "--model", tiny_model, *FINISH)
     assert result.returncode == 0, result.stderr
     assert sorted(row["key"] for row in read_rows(output)) == sorted(expected)
@@ -264,3 +268,16 @@ def test_existing_foreign_output_is_refused(tiny_model: Path, tmp_path: Path, ru
     assert result.returncode == 2
     assert output.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out.parquet"]
+
+
+def test_failed_first_run_does_not_pin_its_settings(corpus, tiny_model: Path, tmp_path: Path, run_caprl) -> None:
+    """A first run that fails before committing anything (here: a model that cannot be found) leaves no
+    state behind, so the corrected command simply runs."""
+    root, _ = corpus
+    output = tmp_path / "out.parquet"
+    failed = run_caprl("caption", root, "-o", output, "--model", "nobody/no-such-model", *FAST,
+                       env={"HF_HUB_OFFLINE": "1"})
+    assert failed.returncode == 2, failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    fixed = run_caprl("caption", root, "-o", output, "--model", tiny_model, *FAST, "--limit", "2")
+    assert fixed.returncode == 0, fixed.stderr
