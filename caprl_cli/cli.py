@@ -16,12 +16,13 @@ from typing import Any
 
 import click
 
-from caprl_cli import __version__
+from caprl_cli import __version__, exit_codes
 from caprl_cli.errors import OutputLocked, UsageError
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
+    DTYPES,
     ENGINES,
     OUTPUT_FORMATS,
     CaptionSettings,
@@ -32,13 +33,6 @@ from caprl_cli.settings import (
 )
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
-EXIT_LOCKED = 75  # EX_TEMPFAIL
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 log = logging.getLogger("caprl")
 
@@ -76,7 +70,7 @@ def cli() -> None:
 @option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Largest image area fed to the model (1280*28*28: 1280 visual tokens).")
 @option("--max-image-pixels", default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True, type=int, help="Refuse (never decode) images with more pixels than this.")
 @option("--engine", default="vllm", show_default=True, type=click.Choice(ENGINES, case_sensitive=False), help="Inference engine.")
-@option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
+@option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES, case_sensitive=False), help="Model weights and activations dtype.")
 @option("--max-model-len", default=None, type=int, help="Context length; default: one image at --max-pixels plus --max-tokens.")
 @option("--gpu-memory-utilization", default=0.9, show_default=True, type=float, help="Share of GPU memory vLLM may use.")
 @option("--batch-size", default=None, type=int, help="Images decoded together (vLLM: max concurrent sequences; transformers: generate batch, default 8).")
@@ -102,6 +96,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
         output=output,
         output_format=output_format.lower(),
         engine=options.pop("engine").lower(),
+        dtype=options.pop("dtype").lower(),
         workers=default_workers() if workers is None else workers,
         max_runtime=None if max_runtime is None else parse_duration(max_runtime),
         **options,
@@ -114,7 +109,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     if not quiet:
         click.echo(f"caprl: {describe_run(report)}", err=True)
     if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and report.remaining == 0):
-        return EXIT_OK
+        return exit_codes.OK
     return EXIT_CODE_OF[report.stop_reason]
 
 
@@ -154,7 +149,7 @@ def status(output: Path, inputs: tuple[str, ...], as_json: bool) -> int:
 
     found = output_status(output, list(inputs))
     click.echo(json.dumps(found, indent=2) if as_json else format_status(found))
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def configure_logging(quiet: bool, verbose: int) -> None:
@@ -198,17 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:  # bad option, missing argument
-        code = fail(exc.format_message(), EXIT_USAGE)
+        code = fail(exc.format_message(), exit_codes.USAGE)
     except UsageError as exc:
-        code = fail(str(exc), EXIT_USAGE)
+        code = fail(str(exc), exit_codes.USAGE)
     except OutputLocked as exc:
-        code = fail(str(exc), EXIT_LOCKED)
+        code = fail(str(exc), exit_codes.LOCKED)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        code = fail("interrupted", EXIT_SIGINT)
+        code = fail("interrupted", exit_codes.SIGINT)
     except Terminated:
-        code = fail("terminated", EXIT_SIGTERM)
+        code = fail("terminated", exit_codes.SIGTERM)
     except Exception as exc:
         if logging.getLogger("caprl").isEnabledFor(logging.DEBUG):
             raise
-        code = fail(f"{exc}", EXIT_FAILED)
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+        code = fail(f"{exc}", exit_codes.FAILED)
+    sys.exit(code if isinstance(code, int) else exit_codes.OK)

@@ -27,7 +27,7 @@ def merge_output(state: RunState, index: CommittedIndex, output_format: str, pro
     compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
     compacted = ParquetRowWriter(compacted_path) if compacted_path else None
     try:
-        for part, rows in zip(index.parts, index.rows_by_part()):
+        for part, rows in zip(index.parts, index.rows_by_part(), strict=True):
             if len(rows) == 0:
                 continue
             with pq.ParquetFile(part) as parquet:

@@ -34,7 +34,7 @@ def plan_run(samples: list[Sample], index: CommittedIndex, retry_errors: bool, l
         done = pc.is_in(keys, value_set=index.keys(ok_only=True)).to_numpy(zero_copy_only=False)
     else:
         done = committed
-    pending = [sample for sample, is_done in zip(samples, done) if not is_done]
+    pending = [sample for sample, is_done in zip(samples, done, strict=True) if not is_done]
     todo = pending if limit is None else pending[:limit]
     return Plan(
         todo=todo,

@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass

@@ -27,7 +27,7 @@ from caprl_cli.preprocess import Failed, Outcome, Prepared, Preprocessor
 from caprl_cli.progress import Progress
 from caprl_cli.provenance import ModelFacts, RunCounts, build_provenance, summary_path_for, totals_of, utc_now
 from caprl_cli.rows import Row, caption_row, error_kind_of, error_row
-from caprl_cli.run_state import CommittedIndex, RunState, fingerprint_changes, fingerprint_of
+from caprl_cli.run_state import RunState, fingerprint_changes, fingerprint_of
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.stopping import StopReason, Stopper
 from caprl_cli.writers import write_json_atomically

@@ -22,6 +22,7 @@ DEFAULT_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 OUTPUT_FORMATS = ("parquet", "jsonl")
 ENGINES = ("vllm", "transformers")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
 _SECONDS_PER_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
@@ -97,6 +98,7 @@ def validate_settings(settings: CaptionSettings) -> None:
         (bool(settings.prompt.strip()), "--prompt must not be empty"),
         (settings.output_format in OUTPUT_FORMATS, f"--format must be one of {', '.join(OUTPUT_FORMATS)}"),
         (settings.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
+        (settings.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
     ]
     for ok, message in checks:
         if not ok:

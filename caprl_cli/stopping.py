@@ -14,6 +14,8 @@ from enum import Enum
 from types import FrameType
 from typing import Any
 
+from caprl_cli import exit_codes
+
 
 class StopReason(str, Enum):
     SIGINT = "sigint"
@@ -21,7 +23,11 @@ class StopReason(str, Enum):
     DEADLINE = "deadline"
 
 
-EXIT_CODE_OF = {StopReason.SIGINT: 130, StopReason.SIGTERM: 143, StopReason.DEADLINE: 3}
+EXIT_CODE_OF = {
+    StopReason.SIGINT: exit_codes.SIGINT,
+    StopReason.SIGTERM: exit_codes.SIGTERM,
+    StopReason.DEADLINE: exit_codes.PARTIAL,
+}
 _REASON_OF_SIGNAL = {signal.SIGINT: StopReason.SIGINT, signal.SIGTERM: StopReason.SIGTERM}
 
 

@@ -11,7 +11,6 @@ no download. Its captions are noise: use it to try and test caprl, never to judg
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 from pathlib import Path
 

@@ -83,10 +83,7 @@ class TransformersEngine(Engine):
     def _torch_dtype(self, torch: Any, dtype: str) -> Any:
         if dtype == "auto":
             return torch.bfloat16 if self.device == "cuda" else torch.float32
-        try:
-            return getattr(torch, {"half": "float16", "float": "float32"}.get(dtype, dtype))
-        except AttributeError:
-            raise ValueError(f"unknown dtype {dtype!r}") from None
+        return getattr(torch, dtype)
 
     @property
     def version(self) -> str:
@@ -114,7 +111,7 @@ class TransformersEngine(Engine):
             captions = [Caption.failed(f"{type(exc).__name__}: {exc}")]
         if should_stop():
             return  # generation was cut short: these captions are incomplete
-        yield from zip(batch, captions)
+        yield from zip(batch, captions, strict=True)
 
     def _generate(self, batch: list[Prepared], should_stop: Callable[[], bool]) -> list[Caption]:
         import torch
@@ -149,7 +146,7 @@ class TransformersEngine(Engine):
             )
         new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        return [self._caption_of(tokens, int(length)) for tokens, length in zip(new_tokens, prompt_lengths)]
+        return [self._caption_of(tokens, int(length)) for tokens, length in zip(new_tokens, prompt_lengths, strict=True)]
 
     def _caption_of(self, tokens: list[int], prompt_tokens: int) -> Caption:
         stop_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
