@@ -54,11 +54,15 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
             if now - self._last_report >= _BAR_POSTFIX_INTERVAL_S:
-                self._bar.set_postfix_str(f"{self.tokens / self._elapsed(now):.0f} tok/s, {self.errors} errors")
+                self._set_postfix(now)
                 self._last_report = now
         elif now - self._last_report >= self.interval:
             log.info(self.line(now))
             self._last_report = now
+
+    def _set_postfix(self, now: float) -> None:
+        assert self._bar is not None
+        self._bar.set_postfix_str(f"{self.tokens / self._elapsed(now):.0f} tok/s, {self.errors} errors")
 
     def _elapsed(self, now: float) -> float:
         return max(now - self.started, 1e-9)
@@ -80,5 +84,6 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._set_postfix(time.monotonic())  # the last update may have skipped the postfix
             self._bar.close()
             self._bar = None
