@@ -17,7 +17,7 @@ from caprl_cli.errors import UsageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One image to caption. `path` is read by a preprocessing worker; `data` is already in memory."""
 
@@ -65,9 +65,16 @@ def walk_images(root: Path, _seen: set[tuple[int, int]] | None = None) -> Iterat
 
 
 def folder_samples(root: Path) -> Iterator[Sample]:
-    """Samples for every image under a folder, keyed by their path relative to it."""
+    """Samples for every image under a folder, keyed by their path relative to it.
+
+    The folder is resolved once, not every file: a million realpath calls would slow listing down, and
+    one shared string for source and path keeps a million samples small.
+    """
+    base = root.resolve()
     for path in walk_images(root):
-        yield Sample(key=path.relative_to(root).as_posix(), source=str(path.resolve()), path=str(path))
+        key = path.relative_to(root).as_posix()
+        source = str(base / key)
+        yield Sample(key=key, source=source, path=source)
 
 
 def file_sample(path: Path) -> Sample:

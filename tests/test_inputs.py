@@ -173,13 +173,15 @@ def test_empty_folder_lists_nothing(tmp_path: Path) -> None:
 
 
 def test_symlinked_image_is_followed(tmp_path: Path) -> None:
-    """A symlink to an image is an input under the link's own key."""
+    """A symlink to an image is an input under the link's own key; its source is the link's absolute
+    path (the input folder is resolved once, files are not: no realpath per file on huge folders)."""
     _touch(tmp_path / "real", "x.jpg")
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "link.jpg").symlink_to(tmp_path / "real" / "x.jpg")
     samples = list_samples([str(tmp_path / "in")])
     assert [sample.key for sample in samples] == ["link.jpg"]
-    assert Path(samples[0].source) == (tmp_path / "real" / "x.jpg").resolve()
+    assert Path(samples[0].source) == (tmp_path / "in").resolve() / "link.jpg"
+    assert Path(samples[0].path).read_bytes() == (tmp_path / "real" / "x.jpg").read_bytes()
 
 
 def test_symlink_loop_is_walked_once(tmp_path: Path) -> None:
