@@ -142,7 +142,6 @@ def engine_spec(settings: CaptionSettings, source: ModelSource, profile: ModelPr
         ),
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
-        max_visual_tokens=profile.grid.max_visual_tokens(),
         dtype=settings.dtype,
         max_model_len=settings.max_model_len or profile.context_length(settings.max_tokens),
         gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -33,7 +33,6 @@ class EngineSpec:
     sampling: Sampling
     min_pixels: int
     max_pixels: int
-    max_visual_tokens: int | None
     dtype: str = "auto"
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
