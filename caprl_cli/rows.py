@@ -90,7 +90,11 @@ def error_row(
     }
 
 
-def error_kind_of(row: Row) -> str | None:
-    """The `<kind>` part of an error row's `error`, for counting errors by kind."""
-    error = row.get("error")
+def kind_of_error(error: str | None) -> str | None:
+    """The `<kind>` part of an `error` value, for counting errors by kind."""
     return error.split(":", 1)[0] if error else None
+
+
+def error_kind_of(row: Row) -> str | None:
+    """The error kind of a row; None for a captioned one."""
+    return kind_of_error(row.get("error"))
