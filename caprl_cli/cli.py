@@ -31,6 +31,7 @@ from caprl_cli.settings import (
     parse_duration,
     validate_settings,
 )
+from caprl_cli.storage import parse_storage_options
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 
@@ -51,13 +52,22 @@ def option(*decls: str, **kwargs: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="caprl")
 def cli() -> None:
-    """Caption large image collections with CapRL models (offline vLLM) into Parquet or JSONL."""
+    """Caption large image collections with CapRL models (offline vLLM) into Parquet, JSONL,
+    WebDataset shards or sidecar .txt files."""
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (.parquet or .jsonl).")
-@option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's extension.")
+@option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards; local or a URL (s3://...).")
+@option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's name.")
+@option("--files-from", default=None, help="Also caption the paths or URLs listed in this file, one a line ('-': stdin).")
+@option("--image-column", default=None, help="Manifest column naming each image; default: the first of image, image_path, path, url, file_name.")
+@option("--image-root", default=None, help="Folder or URL that relative manifest paths are under; default: the manifest's folder.")
+@option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="Carry shard side members and manifest columns into the meta column.")
+@option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs and outputs (repeatable), e.g. anon=true or endpoint_url=...")
+@option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per WebDataset output shard.")
+@option("--images/--no-images", default=True, show_default=True, help="WebDataset output: include the original image bytes (--no-images: captions only).")
+@option("--state-dir", default=None, type=click.Path(path_type=Path), help="Where the resume state lives; default: beside a local output, in ~/.cache/caprl for a remote one.")
 @option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local model folder.")
 @option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
 @option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="User instruction sent with each image.")
@@ -85,10 +95,16 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine's own logs.")
 def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) -> int:
-    """Caption the images in INPUT (folders, walked recursively, or image files) into OUTPUT."""
+    """Caption the images in INPUT into OUTPUT.
+
+    INPUT is a folder (walked recursively, local or s3://..., images and .tar shards in it), an image
+    file or URL, WebDataset shards (shard-{00000..00099}.tar, a::b, .tar.gz), a .jsonl/.parquet
+    manifest, or @LIST (a file of paths or URLs).
+    """
     configure_logging(quiet, verbose)
-    output: Path = options.pop("output")
+    output: str | None = options.pop("output")
     output_format = output_format_for(output, options.pop("output_format"))
+    storage_options = parse_storage_options(options.pop("storage_options"))
     workers = options.pop("workers")
     max_runtime = options.pop("max_runtime")
     settings = CaptionSettings(
@@ -99,6 +115,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
         dtype=options.pop("dtype").lower(),
         workers=default_workers() if workers is None else workers,
         max_runtime=None if max_runtime is None else parse_duration(max_runtime),
+        storage_options=storage_options,
         **options,
     )
     validate_settings(settings)
@@ -108,7 +125,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     report = run_caption(settings)
     if not quiet:
         click.echo(f"caprl: {describe_run(report)}", err=True)
-    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and report.remaining == 0):
+    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.work_remains):
         return exit_codes.OK
     return EXIT_CODE_OF[report.stop_reason]
 
@@ -116,7 +133,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
 def describe_run(report: Any) -> str:
     """The closing line: what this run did, what the output holds, what is left."""
     run, plan = report.run, report.plan
-    if not plan.todo:
+    if not plan.handed_out:
         what = f"nothing to do: all {plan.inputs} images are already in {report.output}"
     elif run.images:
         what = (
@@ -132,22 +149,37 @@ def describe_run(report: Any) -> str:
     what += f"; the output holds {totals['images']} rows ({totals['error']} errors)"
     if report.stop_reason is not None:
         what += f"; stopped ({report.stop_reason.value})"
+    left = []
     if report.remaining:
-        what += f"; {report.remaining} images remaining: run the same command again to continue"
+        left.append(f"{report.remaining} images")
+    if report.unfinished_streams:
+        left.append(f"{report.unfinished_streams} shards or manifests")
+    if left:
+        what += f"; {' and '.join(left)} remaining: run the same command again to continue"
     return what
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output")
 @click.argument("inputs", nargs=-1, metavar="[INPUT]...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(output: Path, inputs: tuple[str, ...], as_json: bool) -> int:
+@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
+@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs.")
+def status(
+    output: str,
+    inputs: tuple[str, ...],
+    as_json: bool,
+    output_format: str | None,
+    state_dir: Path | None,
+    storage_options: tuple[str, ...],
+) -> int:
     """How far captioning into OUTPUT has come; with INPUTs, how many images remain and an ETA."""
     import json
 
     from caprl_cli.status import format_status, output_status
 
-    found = output_status(output, list(inputs))
+    found = output_status(output, list(inputs), output_format, state_dir, parse_storage_options(storage_options))
     click.echo(json.dumps(found, indent=2) if as_json else format_status(found))
     return exit_codes.OK
 

@@ -18,7 +18,9 @@ class ErrorKind(str, Enum):
     ASPECT_RATIO = "aspect_ratio"  # longer side over 200x the shorter: the model refuses it
     READ = "read"  # the file could not be read (permissions, vanished)
     ENGINE = "engine"  # the engine failed on this one request
-    SHARD = "shard"  # a container (tar shard) is damaged
+    SHARD = "shard"  # a tar shard is damaged, or one of its samples is malformed (no image, duplicates)
+    UNSAFE = "unsafe"  # a shard member that could escape a folder or is no plain file: never read
+    MANIFEST = "manifest"  # a manifest line or row that names no image
 
 
 class UsageError(Exception):

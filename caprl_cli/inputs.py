@@ -8,24 +8,31 @@ stable across runs and unique within one.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from caprl_cli.errors import UsageError
+from caprl_cli.errors import ErrorKind, UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One image to caption. `path` is read by a preprocessing worker; `data` is already in memory."""
+    """One image to caption. `path` (a local path or a URL) is read by a preprocessing worker; `data`
+    is already in memory (a shard member). A sample found broken while listing (a hostile tar member,
+    a manifest line without an image) carries `error_kind`/`error_message` and becomes an error row
+    without being decoded: the run records it and goes on.
+    """
 
     key: str
     source: str
     path: str | None = None
     data: bytes | None = None
-    meta: str | None = None
+    meta: str | None = None  # JSON text: the sample's side members or manifest columns
+    ext: str | None = None  # the image's extension as stored ("jpg"), for WebDataset output members
+    error_kind: ErrorKind | None = None
+    error_message: str | None = None
 
 
 def is_image_name(name: str) -> bool:
@@ -38,8 +45,11 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_images(root: Path, _seen: set[tuple[int, int]] | None = None) -> Iterator[Path]:
-    """Yield image files under `root` in sorted order, skipping hidden files and folders.
+def walk_images(
+    root: Path, _seen: set[tuple[int, int]] | None = None, wanted: Callable[[str], bool] = is_image_name
+) -> Iterator[Path]:
+    """Yield the files under `root` whose name is `wanted` (images by default) in sorted order,
+    skipping hidden files and folders.
 
     Symlinked folders are followed once each, so a link back to an ancestor cannot loop.
     """
@@ -59,8 +69,8 @@ def walk_images(root: Path, _seen: set[tuple[int, int]] | None = None) -> Iterat
         if is_hidden(entry.name):
             continue
         if entry.is_dir(follow_symlinks=True):
-            yield from walk_images(Path(entry.path), seen)
-        elif entry.is_file(follow_symlinks=True) and is_image_name(entry.name):
+            yield from walk_images(Path(entry.path), seen, wanted)
+        elif entry.is_file(follow_symlinks=True) and wanted(entry.name):
             yield Path(entry.path)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from caprl_cli.parts import new_run_id
+from caprl_cli.rows import COLUMNS
 from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, CommittedIndex, RunState
 from caprl_cli.writers import ParquetRowWriter, open_writer
 
@@ -21,9 +22,14 @@ from caprl_cli.writers import ParquetRowWriter, open_writer
 COMPACT_ABOVE_PARTS = 64
 
 
-def merge_output(state: RunState, index: CommittedIndex, output_format: str, provenance: dict[str, Any]) -> None:
-    """Write `state.output` from `index`'s parts and record which parts it was built from."""
-    writer = open_writer(output_format, state.output)
+def merge_output(
+    state: RunState, index: CommittedIndex, output_format: str, provenance: dict[str, Any], path: Path | None = None
+) -> None:
+    """Write the output file (`path`, default the state's output) from `index`'s parts and record which
+    parts it was built from."""
+    path = path or state.output
+    assert path is not None, "a merge needs an output file"
+    writer = open_writer(output_format, path)
     compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
     compacted = ParquetRowWriter(compacted_path) if compacted_path else None
     try:
@@ -31,7 +37,7 @@ def merge_output(state: RunState, index: CommittedIndex, output_format: str, pro
             if len(rows) == 0:
                 continue
             with pq.ParquetFile(part) as parquet:
-                table = parquet.read()
+                table = parquet.read(columns=list(COLUMNS))
             latest = table if len(rows) == table.num_rows else table.take(rows)
             writer.write_table(latest)
             if compacted is not None:

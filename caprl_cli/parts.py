@@ -1,7 +1,8 @@
 """Committed part files: finished rows reach disk every few seconds, each part atomically.
 
-Rows are buffered and written as a new Parquet part when `flush_rows` rows are waiting, and at least
-every `flush_seconds` by a background timer, so a crash (kill -9, power loss) loses only the rows of the
+Rows are buffered and written as a new Parquet part when `flush_rows` rows (or `FLUSH_BYTES` of image
+bytes, for parts that carry images) are waiting, and at least every `flush_seconds` by a background
+timer, so a crash (kill -9, power loss) loses only the rows of the
 last few seconds. A part is written under a temporary name, fsynced and renamed: it exists complete or
 not at all.
 """
@@ -15,14 +16,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caprl_cli.rows import Row
+from caprl_cli.rows import SCHEMA, Row
 from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, TEMP_SUFFIX
 from caprl_cli.writers import fsync_rename, rows_to_table
 
 DEFAULT_FLUSH_ROWS = 1000
 DEFAULT_FLUSH_SECONDS = 5.0
+# Parts that carry original image bytes (WebDataset output) are cut at this size to bound memory.
+FLUSH_BYTES = 64 * 1024 * 1024
 
 
 def new_run_id() -> str:
@@ -39,8 +43,11 @@ class PartWriter:
         run_id: str,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
         flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+        schema: pa.Schema = SCHEMA,
     ) -> None:
         self.parts_dir = parts_dir
+        self.schema = schema
+        self._buffered_bytes = 0
         self.run_id = run_id
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
@@ -59,7 +66,8 @@ class PartWriter:
         with self._lock:
             self._raise_timer_error()
             self._buffer.append(row)
-            if len(self._buffer) >= self.flush_rows:
+            self._buffered_bytes += len(row.get("image") or b"")
+            if len(self._buffer) >= self.flush_rows or self._buffered_bytes >= FLUSH_BYTES:
                 self._flush_locked()
 
     def flush(self) -> None:
@@ -95,8 +103,9 @@ class PartWriter:
         name = f"{PART_PREFIX}{self.run_id}-{next(self._numbers):09d}{PART_SUFFIX}"
         final = self.parts_dir / name
         temp = self.parts_dir / f".{name}{TEMP_SUFFIX}"
-        pq.write_table(rows_to_table(rows), temp, compression="zstd")
+        pq.write_table(rows_to_table(rows, self.schema), temp, compression="zstd")
         fsync_rename(temp, final)
         self._buffer = []  # only now: rows of a failed write stay buffered for the next try
+        self._buffered_bytes = 0
         self.written.append(final)
         self.rows_written += len(rows)

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -24,6 +24,7 @@ from caprl_cli.errors import ErrorKind, SampleError
 from caprl_cli.grid import Grid
 from caprl_cli.images import prepare_image
 from caprl_cli.inputs import Sample
+from caprl_cli.storage import StorageOptions, is_url, read_bytes, redact
 
 
 @dataclass(frozen=True)
@@ -50,33 +51,54 @@ class Failed:
 Outcome = Prepared | Failed
 
 
-def read_sample_bytes(sample: Sample) -> bytes:
-    """The encoded image: in memory already, or read from its path."""
+def read_sample_bytes(sample: Sample, storage_options: StorageOptions | None = None) -> bytes:
+    """The encoded image: in memory already, or read from its path or URL."""
     if sample.data is not None:
         return sample.data
     if sample.path is None:
         raise SampleError(ErrorKind.READ, "sample has neither bytes nor a path")
     try:
+        if is_url(sample.path):
+            return read_bytes(sample.path, storage_options)
         with open(sample.path, "rb") as handle:
             return handle.read()
     except OSError as exc:
-        raise SampleError(ErrorKind.READ, f"cannot read {sample.path}: {exc.strerror or exc}") from None
+        detail = exc.strerror or exc
+        raise SampleError(ErrorKind.READ, redact(f"cannot read {sample.path}: {detail}")) from None
+    except Exception as exc:  # remote backends raise their own types (timeouts, HTTP errors)
+        raise SampleError(ErrorKind.READ, redact(f"cannot read {sample.path}: {type(exc).__name__}: {exc}")) from None
 
 
-def prepare_sample(sample: Sample, grid: Grid, max_image_pixels: int) -> Outcome:
-    """Read, decode and resize one sample; any failure becomes `Failed`."""
+def prepare_sample(
+    sample: Sample, grid: Grid, max_image_pixels: int, keep_bytes: bool = False, storage_options: StorageOptions | None = None
+) -> Outcome:
+    """Read, decode and resize one sample; any failure becomes `Failed`.
+
+    The encoded bytes come back with the result only when `keep_bytes` (WebDataset output stores the
+    original image); otherwise they are dropped here so they never cross back to the parent.
+    """
+    if sample.error_kind is not None:
+        return Failed(sample, sample.error_kind, sample.error_message or "")
     try:
-        pixels = prepare_image(read_sample_bytes(sample), grid, max_image_pixels)
+        data = read_sample_bytes(sample, storage_options)
+        pixels = prepare_image(data, grid, max_image_pixels)
     except SampleError as exc:
-        return Failed(sample, exc.kind, exc.message)
+        return Failed(_without_bytes(sample), exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one row, not the run
-        return Failed(sample, ErrorKind.DECODE, f"{type(exc).__name__}: {exc}")
-    return Prepared(sample, pixels.image, pixels.width, pixels.height)
+        return Failed(_without_bytes(sample), ErrorKind.DECODE, f"{type(exc).__name__}: {exc}")
+    kept = replace(sample, data=data) if keep_bytes else _without_bytes(sample)
+    return Prepared(kept, pixels.image, pixels.width, pixels.height)
+
+
+def _without_bytes(sample: Sample) -> Sample:
+    return sample if sample.data is None else replace(sample, data=None)
 
 
 _PR_SET_PDEATHSIG = 1
 _worker_grid: Grid | None = None
 _worker_max_image_pixels: int = 0
+_worker_keep_bytes: bool = False
+_worker_storage_options: StorageOptions | None = None
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -91,27 +113,41 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _init_worker(grid: Grid, max_image_pixels: int, parent_pid: int) -> None:
-    global _worker_grid, _worker_max_image_pixels
+def _init_worker(
+    grid: Grid, max_image_pixels: int, parent_pid: int, keep_bytes: bool, storage_options: StorageOptions | None
+) -> None:
+    global _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just go quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_grid = grid
     _worker_max_image_pixels = max_image_pixels
+    _worker_keep_bytes = keep_bytes
+    _worker_storage_options = storage_options
 
 
 def _prepare_in_worker(sample: Sample) -> Outcome:
     assert _worker_grid is not None, "worker not initialised"
-    return prepare_sample(sample, _worker_grid, _worker_max_image_pixels)
+    return prepare_sample(sample, _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options)
 
 
 class Preprocessor:
     """Prepares samples with `workers` processes (0: in the calling process)."""
 
-    def __init__(self, grid: Grid, max_image_pixels: int, workers: int, window: int | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        max_image_pixels: int,
+        workers: int,
+        window: int | None = None,
+        keep_bytes: bool = False,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
         self.grid = grid
         self.max_image_pixels = max_image_pixels
         self.workers = workers
+        self.keep_bytes = keep_bytes
+        self.storage_options = storage_options
         self.window = window or max(16, 8 * workers)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
@@ -123,14 +159,14 @@ class Preprocessor:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.grid, self.max_image_pixels, os.getpid()),
+            initargs=(self.grid, self.max_image_pixels, os.getpid(), self.keep_bytes, self.storage_options),
         )
 
     def prepare(self, samples: Iterable[Sample]) -> Iterator[Outcome]:
         """Yield one outcome per sample, in order, with at most `window` images in flight."""
         if self._pool is None:
             for sample in samples:
-                yield prepare_sample(sample, self.grid, self.max_image_pixels)
+                yield prepare_sample(sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options)
             return
         in_flight: deque[tuple[Sample, Future[Outcome]]] = deque()
         for sample in samples:
@@ -141,6 +177,10 @@ class Preprocessor:
 
     def _submit(self, sample: Sample) -> Future[Outcome]:
         assert self._pool is not None
+        if sample.error_kind is not None:  # broken before decoding: no need to send it to a worker
+            known: Future[Outcome] = Future()
+            known.set_result(prepare_sample(sample, self.grid, self.max_image_pixels))
+            return known
         return self._pool.submit(_prepare_in_worker, sample)
 
     def _collect(self, in_flight: deque[tuple[Sample, Future[Outcome]]], keep: int) -> Iterator[Outcome]:

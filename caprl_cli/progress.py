@@ -26,10 +26,12 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts finished images, errors and output tokens; shows rates and an ETA."""
+    """Counts finished images, errors and output tokens; shows rates and an ETA.
+
+    `total` is None while it is unknown (tar shards and manifests are counted as they are read)."""
 
     def __init__(
-        self, total: int, enabled: bool = True, stream: TextIO | None = None, interval: float = LOG_INTERVAL_S
+        self, total: int | None, enabled: bool = True, stream: TextIO | None = None, interval: float = LOG_INTERVAL_S
     ) -> None:
         self.total = total
         self.done = 0
@@ -76,6 +78,8 @@ class Progress:
         now = time.monotonic() if now is None else now
         elapsed = self._elapsed(now)
         rate = self.done / elapsed
+        if self.total is None:
+            return f"{self.done} images, {self.errors} errors, {rate:.1f} img/s, {self.tokens / elapsed:.0f} tok/s"
         eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
         return (
             f"{self.done}/{self.total} images, {self.errors} errors, {rate:.1f} img/s, "

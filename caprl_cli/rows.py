@@ -29,6 +29,12 @@ SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
+# Parts of a run that publishes WebDataset shards with images also carry each image's original bytes
+# until the shards are written; the compacted part records which shard holds each row.
+IMAGE_COLUMNS = (pa.field("image", pa.binary()), pa.field("image_ext", pa.string()))
+PART_SCHEMA_WITH_IMAGES = pa.schema([*SCHEMA, *IMAGE_COLUMNS])
+EXPORTED_SHARD = "wds_shard"
+
 Row = dict[str, Any]
 
 

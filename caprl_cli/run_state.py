@@ -6,7 +6,8 @@
     fingerprint.json   the settings that decide captions; a run with other settings is refused
     parts/part-*.parquet   committed rows, each file written under a temporary name, fsynced, renamed
     runs/*.json        one record per finished run (counts, throughput) for `caprl status`
-    merged.json        which parts the output file was last built from
+    shards/*.json      tar shards read to the end with a row for every sample: never opened again
+    merged.json        which parts the output was last built from
 
 The committed parts are the truth: the output file is rebuilt from them, and what a run skips is what
 they hold. A part is either complete under its final name or a temporary file that is ignored and
@@ -115,11 +116,19 @@ class CommittedIndex:
 class RunState:
     """The state folder of one output."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path | None, state_dir: Path | None = None, label: str | None = None) -> None:
+        """`output` is the local output file this folder guards, if there is one (temporaries beside
+        it are cleaned up, and it goes with `clear`); other targets pass `state_dir` and a `label`."""
+        if state_dir is None:
+            if output is None:
+                raise ValueError("a state folder needs an output file or an explicit folder")
+            state_dir = state_dir_for(output)
         self.output = output
-        self.dir = state_dir_for(output)
+        self.label = label or str(output)
+        self.dir = state_dir
         self.parts_dir = self.dir / "parts"
         self.runs_dir = self.dir / "runs"
+        self.shards_dir = self.dir / "shards"
         self.fingerprint_path = self.dir / "fingerprint.json"
         self.merged_path = self.dir / "merged.json"
         self._lock_handle: Any = None
@@ -143,7 +152,7 @@ class RunState:
             handle.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise OutputLocked(
-                    f"another caprl run is writing {self.output} (state {self.dir} is locked); "
+                    f"another caprl run is writing {self.label} (state {self.dir} is locked); "
                     "pass --wait to wait for it"
                 ) from None
             raise
@@ -181,9 +190,11 @@ class RunState:
         Beside the output only this output's own `.<name>.<pid>.tmp` files match, never those of
         another output whose name merely starts the same way.
         """
-        own_output_temp = re.compile(re.escape(f".{self.output.name}.") + r"\d+" + re.escape(TEMP_SUFFIX))
-        stale = [p for p in self.output.parent.iterdir() if own_output_temp.fullmatch(p.name)]
-        for folder in (self.parts_dir, self.dir):
+        stale: list[Path] = []
+        if self.output is not None and self.output.parent.is_dir():
+            own_output_temp = re.compile(re.escape(f".{self.output.name}.") + r"\d+" + re.escape(TEMP_SUFFIX))
+            stale = [p for p in self.output.parent.iterdir() if own_output_temp.fullmatch(p.name)]
+        for folder in (self.parts_dir, self.dir, self.shards_dir):
             if folder.is_dir():
                 stale += [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
         for path in stale:
@@ -228,18 +239,41 @@ class RunState:
 
     # -- merge bookkeeping and run records --------------------------------------------------------
 
-    def output_is_current(self, parts: list[Path]) -> bool:
-        """True if the output file exists and was built from exactly these parts."""
-        if not self.output.exists() or not self.merged_path.is_file():
-            return False
-        merged = json.loads(self.merged_path.read_text(encoding="utf-8"))
-        return merged.get("parts") == [part.name for part in parts]
+    def output_is_current(self, parts: list[Path], published: bool | None = None) -> bool:
+        """True if the output exists (`published`; default: the output file exists) and was built
+        from exactly these parts."""
+        if published is None:
+            published = self.output is not None and self.output.exists()
+        return published and self.merged_parts() == [part.name for part in parts]
+
+    def merged_parts(self) -> list[str] | None:
+        """Names of the parts the output was last built from; None if it never was."""
+        if not self.merged_path.is_file():
+            return None
+        return json.loads(self.merged_path.read_text(encoding="utf-8")).get("parts")
 
     def record_merge(self, parts: list[Path]) -> None:
         write_json_atomically(self.merged_path, {"parts": [part.name for part in parts]})
 
     def record_run(self, run_id: str, record: dict[str, Any]) -> None:
         write_json_atomically(self.runs_dir / f"{run_id}.json", record)
+
+    def record_finished_shards(self, run_id: str, shards: dict[str, dict[str, int]]) -> None:
+        """Shards this run read to the end, with a row for every sample (source -> counts)."""
+        if shards:
+            self.shards_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(self.shards_dir / f"{run_id}.json", shards)
+
+    def finished_shards(self) -> dict[str, dict[str, int]]:
+        """Every shard some run finished; a later record of a shard replaces an earlier one."""
+        finished: dict[str, dict[str, int]] = {}
+        records = sorted(self.shards_dir.glob("*.json")) if self.shards_dir.is_dir() else []
+        for path in records:
+            try:
+                finished.update(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                log.warning("ignored unreadable shard record %s; its shards will be read again", path.name)
+        return finished
 
     def last_run(self) -> dict[str, Any] | None:
         records = sorted(self.runs_dir.glob("*.json")) if self.runs_dir.is_dir() else []
@@ -252,7 +286,8 @@ class RunState:
 
     def clear(self) -> None:
         """Forget everything (for --overwrite): parts, runs, fingerprint, and the output itself."""
-        for folder in (self.parts_dir, self.runs_dir):
+        for folder in (self.parts_dir, self.runs_dir, self.shards_dir):
             shutil.rmtree(folder, ignore_errors=True)
         for path in (self.fingerprint_path, self.merged_path, self.output):
-            path.unlink(missing_ok=True)
+            if path is not None and not path.is_dir():
+                path.unlink(missing_ok=True)

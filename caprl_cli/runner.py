@@ -1,4 +1,4 @@
-"""One captioning run: lock -> plan -> decode+resize (worker pool) -> engine -> parts -> merge.
+"""One captioning run: lock -> plan -> decode+resize (worker pool) -> engine -> parts -> publish.
 
 The runner wires the stages together and owns the bookkeeping (lock, fingerprint, counts, progress,
 provenance); each stage lives in its own module behind a small interface, so the same loop can later
@@ -17,18 +17,21 @@ from pathlib import Path
 from caprl_cli.engines import load_engine
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, Sampling
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs import list_samples
-from caprl_cli.merge import merge_output
+from caprl_cli.inputs import Sample
 from caprl_cli.model_profile import ModelProfile, load_processor, profile_from_processor
 from caprl_cli.model_source import ModelSource, resolve_model
+from caprl_cli.outputs import OutputOptions, OutputTarget, open_target
 from caprl_cli.parts import PartWriter, new_run_id
-from caprl_cli.plan import Plan, plan_run
+from caprl_cli.plan import Plan, peek, plan_run
+from caprl_cli.prefetch import Prefetcher
 from caprl_cli.preprocess import Failed, Outcome, Prepared, Preprocessor
 from caprl_cli.progress import Progress
-from caprl_cli.provenance import ModelFacts, RunCounts, build_provenance, summary_path_for, totals_of, utc_now
-from caprl_cli.rows import Row, caption_row, error_kind_of, error_row
+from caprl_cli.provenance import ModelFacts, RunCounts, build_provenance, totals_of, utc_now
+from caprl_cli.rows import PART_SCHEMA_WITH_IMAGES, SCHEMA, Row, caption_row, error_kind_of, error_row
 from caprl_cli.run_state import RunState, fingerprint_changes, fingerprint_of
 from caprl_cli.settings import CaptionSettings
+from caprl_cli.sources import InputOptions, InputSet, resolve_inputs
+from caprl_cli.storage import is_url
 from caprl_cli.stopping import StopReason, Stopper
 from caprl_cli.writers import write_json_atomically
 
@@ -43,8 +46,8 @@ class EngineStartError(Exception):
 class RunReport:
     """What the CLI tells the user when a run ends."""
 
-    output: Path
-    summary: Path
+    output: str
+    summary: str
     run: RunCounts
     totals: dict
     plan: Plan
@@ -54,8 +57,17 @@ class RunReport:
 
     @property
     def remaining(self) -> int:
-        """Inputs still to caption: not reached because of --limit, or because the run was stopped."""
-        return self.plan.remaining_after + len(self.plan.todo) - self.run.images
+        """Listed images still to caption: not reached because of --limit, or because the run was stopped."""
+        return self.plan.listed_remaining
+
+    @property
+    def unfinished_streams(self) -> int:
+        """Shards and manifests not read to the end, or whose samples did not all get a row."""
+        return self.plan.unfinished_streams
+
+    @property
+    def work_remains(self) -> bool:
+        return self.plan.work_remains
 
 
 @dataclass(frozen=True)
@@ -70,9 +82,10 @@ class RunOutcome:
 class RowSink:
     """Counts each finished row, shows progress, and hands the row to the part writer."""
 
-    def __init__(self, parts: PartWriter, progress: Progress) -> None:
+    def __init__(self, parts: PartWriter, progress: Progress, plan: Plan | None = None) -> None:
         self.parts = parts
         self.progress = progress
+        self.plan = plan
         self.counts = RunCounts()
 
     def add(self, row: Row) -> None:
@@ -84,6 +97,8 @@ class RowSink:
             self.counts.errors_by_kind[kind] += 1
         self.progress.update(tokens=row["output_tokens"] or 0, error=kind is not None)
         self.parts.add(row)
+        if self.plan is not None:
+            self.plan.row_done(row)
 
 
 def failed_row(failed: Failed, model: str) -> Row:
@@ -101,8 +116,9 @@ def failed_row(failed: Failed, model: str) -> Row:
     )
 
 
-def result_row(item: Prepared, caption: Caption, model: str) -> Row:
-    """The row of an image the engine handled: a caption, or an engine error."""
+def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = False) -> Row:
+    """The row of an image the engine handled: a caption, or an engine error. With `keep_image`, a
+    captioned row also carries the original bytes, for WebDataset shards that hold the images."""
     sample = item.sample
     if caption.error is not None:
         return error_row(
@@ -115,7 +131,7 @@ def result_row(item: Prepared, caption: Caption, model: str) -> Row:
             height=item.height,
             meta=sample.meta,
         )
-    return caption_row(
+    row = caption_row(
         key=sample.key,
         source=sample.source,
         model=model,
@@ -127,6 +143,9 @@ def result_row(item: Prepared, caption: Caption, model: str) -> Row:
         height=item.height,
         meta=sample.meta,
     )
+    if keep_image:
+        row["image"], row["image_ext"] = sample.data, sample.ext
+    return row
 
 
 def engine_spec(settings: CaptionSettings, source: ModelSource, profile: ModelProfile) -> EngineSpec:
@@ -173,28 +192,27 @@ def images_only(
             yield outcome
 
 
-def check_fingerprint(state: RunState, settings: CaptionSettings) -> None:
+def check_fingerprint(state: RunState, settings: CaptionSettings, target: OutputTarget) -> None:
     """Refuse to add captions made with other settings to an output; record them on a first run."""
     current = fingerprint_of(settings)
     stored = state.stored_fingerprint()
     if stored is None:
-        if settings.output.exists():
+        if target.exists():
             raise UsageError(
-                f"{settings.output} exists but has no caprl state folder ({state.dir.name}); "
-                "pass --overwrite to replace it"
+                f"{target.label} exists but has no caprl state folder ({state.dir}); pass --overwrite to replace it"
             )
         state.create()
         state.write_fingerprint(current)
         return
     changed = fingerprint_changes(stored, current)
-    if changed and not state.part_paths() and not settings.output.exists():
+    if changed and not state.part_paths() and not target.exists():
         # Nothing was ever committed under the old settings (a first run that failed early, say):
         # there are no captions to protect, so the new settings simply take over.
         state.write_fingerprint(current)
         return
     if changed:
         raise UsageError(
-            f"{settings.output} was captioned with other settings ({', '.join(changed)} changed); "
+            f"{target.label} was captioned with other settings ({', '.join(changed)} changed); "
             "run with the same settings to continue, or pass --overwrite to start over"
         )
 
@@ -208,12 +226,25 @@ def load_model(settings: CaptionSettings) -> tuple[ModelSource, ModelProfile]:
     return source, profile
 
 
-def caption_plan(settings: CaptionSettings, plan: Plan, parts: PartWriter, stopper: Stopper) -> RunOutcome:
-    """Caption `plan.todo` into committed parts."""
+def caption_plan(
+    settings: CaptionSettings,
+    plan: Plan,
+    samples: Iterator[Sample],
+    parts: PartWriter,
+    stopper: Stopper,
+    keep_images: bool = False,
+) -> RunOutcome:
+    """Caption `samples` (the plan's work) into committed parts."""
     source, profile = load_model(settings)
     facts = ModelFacts(model_revision=source.revision, prompt_text=profile.prompt_text, grid_factor=profile.grid.factor)
-    preprocessor = Preprocessor(profile.grid, settings.max_image_pixels, settings.workers)
-    sink = RowSink(parts, Progress(0, enabled=False))
+    preprocessor = Preprocessor(
+        profile.grid,
+        settings.max_image_pixels,
+        settings.workers,
+        keep_bytes=keep_images,
+        storage_options=settings.storage_options,
+    )
+    sink = RowSink(parts, Progress(0, enabled=False), plan)
     engine: Engine | None = None
     try:
         try:
@@ -225,13 +256,14 @@ def caption_plan(settings: CaptionSettings, plan: Plan, parts: PartWriter, stopp
         facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
         if stopper.should_stop():
             return RunOutcome(sink.counts, 0.0, facts)
-        log.info("captioning %d images with %s on %s", len(plan.todo), settings.model, engine.version)
-        sink.progress = Progress(len(plan.todo), enabled=settings.progress)
-        outcomes = preprocessor.prepare(plan.todo)
+        total = expected_images(plan, settings.limit)
+        log.info("captioning %s images with %s on %s", total or "the", settings.model, engine.version)
+        sink.progress = Progress(total, enabled=settings.progress)
+        outcomes = preprocessor.prepare(samples)
         images = images_only(outcomes, sink, settings.model, stopper.should_stop)
         try:
             for item, caption in engine.caption(images, stopper.should_stop):
-                sink.add(result_row(item, caption, settings.model))
+                sink.add(result_row(item, caption, settings.model, keep_images))
         except Exception:
             if stopper.reason is None:
                 raise
@@ -244,16 +276,25 @@ def caption_plan(settings: CaptionSettings, plan: Plan, parts: PartWriter, stopp
             engine.close()
 
 
+def expected_images(plan: Plan, limit: int | None) -> int | None:
+    """How many images this run will caption, if known before shards and manifests are read."""
+    if plan.shards or plan.manifests:
+        return None
+    todo = len(plan.listed.todo)
+    return todo if limit is None else min(todo, limit)
+
+
 def finish(
     settings: CaptionSettings,
     state: RunState,
+    target: OutputTarget,
     run_id: str,
     started: tuple[str, float],
     plan: Plan,
     outcome: RunOutcome,
     stop_reason: StopReason | None,
 ) -> RunReport:
-    """Merge the parts into the output, write the summary and the run record."""
+    """Publish the parts to the target, write the summary and the run record."""
     started_at, started_clock = started
     index = state.committed()
     errors_by_kind = index.error_counts()
@@ -269,13 +310,13 @@ def finish(
         totals=totals,
         stop_reason=stop_reason.value if stop_reason else None,
     )
-    summary = summary_path_for(settings.output)
-    if not state.output_is_current(index.parts):
-        merge_output(state, index, settings.output_format, provenance)
-        write_json_atomically(summary, provenance)
+    if not state.output_is_current(index.parts, target.exists()):
+        target.publish(state, index, provenance)
+        target.write_summary(state, provenance)
     if outcome.counts.images:
         state.record_run(run_id, {**provenance["run"], "facts": asdict(outcome.facts)})
-    return RunReport(settings.output, summary, outcome.counts, totals, plan, elapsed, outcome.images_per_s, stop_reason)
+    summary = target.summary_location()
+    return RunReport(target.label, summary, outcome.counts, totals, plan, elapsed, outcome.images_per_s, stop_reason)
 
 
 def last_facts(state: RunState) -> ModelFacts:
@@ -284,10 +325,46 @@ def last_facts(state: RunState) -> ModelFacts:
     return ModelFacts(**record.get("facts", {}))
 
 
+def output_target(settings: CaptionSettings) -> OutputTarget:
+    """The target the settings name."""
+    return open_target(
+        settings.output_location,
+        list(settings.inputs),
+        OutputOptions(
+            output_format=settings.output_format,
+            shard_size=settings.shard_size,
+            with_images=settings.images,
+            state_dir=settings.state_dir,
+            storage_options=settings.storage_options,
+            overwrite=settings.overwrite,
+        ),
+    )
+
+
+def input_options(settings: CaptionSettings) -> InputOptions:
+    """How the settings say inputs are read."""
+    return InputOptions(
+        storage_options=settings.storage_options,
+        files_from=settings.files_from,
+        image_column=settings.image_column,
+        image_root=settings.image_root,
+        keep_meta=settings.keep_meta,
+    )
+
+
+def check_sidecar_inputs(settings: CaptionSettings, inputs: InputSet) -> None:
+    """Sidecar captions go beside local image files; shards and URLs have no such place."""
+    if settings.output_format != "sidecar":
+        return
+    if inputs.shards or any(sample.path is None or is_url(sample.path) for sample in inputs.listed):
+        raise UsageError("--format sidecar writes .txt files beside local images; shards and URLs have none")
+
+
 def run_caption(settings: CaptionSettings) -> RunReport:
-    """Caption what the output does not hold yet; the output is rebuilt atomically at the end."""
+    """Caption what the output does not hold yet; the output is published atomically at the end."""
     started_at, started = utc_now(), time.monotonic()
-    state = RunState(settings.output)
+    target = output_target(settings)
+    state = RunState(target.local_file, state_dir=target.state_dir, label=target.label)
     new_state = not state.dir.exists()
     state.acquire(wait=settings.wait)
     stopper = Stopper(settings.max_runtime, started)
@@ -295,23 +372,40 @@ def run_caption(settings: CaptionSettings) -> RunReport:
     try:
         if settings.overwrite:
             state.clear()
+            target.clear()
         state.remove_stale_temporaries()
-        check_fingerprint(state, settings)
-        samples = list_samples(list(settings.inputs))
-        if not samples:
+        check_fingerprint(state, settings, target)
+        options = input_options(settings)
+        inputs = resolve_inputs(list(settings.inputs), options)
+        check_sidecar_inputs(settings, inputs)
+        if not inputs.listed and not inputs.streams:
             log.warning("no images found in %s", ", ".join(settings.inputs))
-        plan = plan_run(samples, state.committed(), settings.retry_errors, settings.limit)
-        if plan.already_done:
-            log.info("%d of %d images are already in %s", plan.already_done, plan.inputs, settings.output)
+        plan = plan_run(
+            inputs,
+            state.committed(),
+            retry_errors=settings.retry_errors,
+            limit=settings.limit,
+            finished_shards=state.finished_shards(),
+            options=options,
+        )
         run_id = new_run_id()
         outcome = RunOutcome(RunCounts(), 0.0, last_facts(state))
-        if plan.todo:
-            parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every)
-            try:
-                outcome = caption_plan(settings, plan, parts, stopper)
-            finally:
-                parts.close()
-        return finish(settings, state, run_id, (started_at, started), plan, outcome, stopper.reason)
+        reader = Prefetcher(plan.samples())
+        try:
+            first, samples = peek(reader)
+            if plan.already_done:
+                log.info("%d images are already in %s", plan.already_done, target.label)
+            if first is not None:
+                schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else SCHEMA
+                parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every, schema=schema)
+                try:
+                    outcome = caption_plan(settings, plan, samples, parts, stopper, target.keeps_images)
+                finally:
+                    parts.close()
+        finally:
+            reader.close()
+        state.record_finished_shards(run_id, plan.completed_shards())
+        return finish(settings, state, target, run_id, (started_at, started), plan, outcome, stopper.reason)
     except UsageError:
         if new_state and not state.part_paths():  # refused before anything was committed: no trace
             shutil.rmtree(state.dir, ignore_errors=True)

@@ -11,16 +11,18 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from caprl_cli.errors import UsageError
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.model_source import local_model_folder
+from caprl_cli.storage import local_path_of
 
 DEFAULT_MODEL = "internlm/CapRL-3B"
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept here so `--help` needs no Pillow.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-OUTPUT_FORMATS = ("parquet", "jsonl")
+OUTPUT_FORMATS = ("parquet", "jsonl", "webdataset", "sidecar")
 ENGINES = ("vllm", "transformers")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
@@ -32,7 +34,7 @@ class CaptionSettings:
     """Everything that decides what a run captions, how, and where the rows go."""
 
     inputs: tuple[str, ...]
-    output: Path
+    output: str | Path | None  # a file, a folder or shard pattern (webdataset), a URL; None for sidecar
     output_format: str
     model: str = DEFAULT_MODEL
     revision: str | None = None
@@ -58,6 +60,18 @@ class CaptionSettings:
     max_runtime: float | None = None
     flush_every: int = 1000
     progress: bool = True
+    files_from: str | None = None
+    image_column: str | None = None
+    image_root: str | None = None
+    keep_meta: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    shard_size: int = 10_000
+    images: bool = True
+    state_dir: Path | None = None
+
+    @property
+    def output_location(self) -> str | None:
+        return None if self.output is None else str(self.output)
 
 
 def default_workers() -> int:
@@ -65,15 +79,21 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def output_format_for(output: Path, requested: str | None) -> str:
-    """`--format` if given, else the output's extension."""
+def output_format_for(output: str | Path | None, requested: str | None) -> str:
+    """`--format` if given, else the output's extension (`out-%06d.tar` is a WebDataset pattern)."""
     if requested:
-        return requested
-    found = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
+        return requested.lower()
+    if output is None:
+        raise UsageError("missing option -o/--output (only --format sidecar writes without one)")
+    name = str(output).rstrip("/").rsplit("/", 1)[-1]
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix == ".tar" and "%" in name:
+        return "webdataset"
+    found = _FORMAT_BY_SUFFIX.get(suffix)
     if found is None:
         raise UsageError(
-            f"cannot tell the output format from {output.name!r}: "
-            f"use a .parquet or .jsonl name, or --format {'|'.join(OUTPUT_FORMATS)}"
+            f"cannot tell the output format from {name!r}: use a .parquet or .jsonl name, "
+            f"a shard pattern like out-%06d.tar, or --format {'|'.join(OUTPUT_FORMATS)}"
         )
     return found
 
@@ -94,6 +114,8 @@ def validate_settings(settings: CaptionSettings) -> None:
         (settings.max_model_len is None or settings.max_model_len >= 1, "--max-model-len must be at least 1"),
         (settings.seed >= 0, "--seed must not be negative"),
         (settings.flush_every >= 1, "--flush-every must be at least 1"),
+        (settings.shard_size >= 1, "--shard-size must be at least 1"),
+        (settings.output is not None or settings.output_format == "sidecar", "missing option -o/--output"),
         (settings.max_runtime is None or settings.max_runtime > 0, "--max-runtime must be positive"),
         (bool(settings.prompt.strip()), "--prompt must not be empty"),
         (settings.output_format in OUTPUT_FORMATS, f"--format must be one of {', '.join(OUTPUT_FORMATS)}"),
@@ -104,7 +126,12 @@ def validate_settings(settings: CaptionSettings) -> None:
         if not ok:
             raise UsageError(message)
     local_model_folder(settings.model)
-    check_output_writable(settings.output)
+    location = settings.output_location
+    local = local_path_of(location) if location is not None else None
+    if local is not None and settings.output_format in ("parquet", "jsonl"):
+        check_output_writable(local)
+    if settings.output_format != "webdataset" and not settings.images:
+        raise UsageError("--no-images only applies to --format webdataset")
 
 
 def parse_duration(text: str) -> float:

@@ -1,6 +1,7 @@
 """`caprl status OUTPUT`: how far a run has come, from the state folder alone (no model, no lock).
 
-Readable while a run is writing, since parts only ever appear complete.
+Readable while a run is writing, since parts only ever appear complete. With INPUTs, tar shards that
+no run has finished and manifests are read to count what remains.
 """
 
 from __future__ import annotations
@@ -9,23 +10,48 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import list_samples
+from caprl_cli.outputs import OutputOptions, open_target
 from caprl_cli.plan import plan_run
 from caprl_cli.progress import format_duration
 from caprl_cli.run_state import RunState
+from caprl_cli.settings import output_format_for
+from caprl_cli.sources import InputOptions, resolve_inputs
+from caprl_cli.storage import StorageOptions, local_path_of
 
 
-def output_status(output: Path, inputs: list[str]) -> dict[str, Any]:
+def state_dir_of(output: str, output_format: str | None, state_dir: Path | None) -> Path:
+    """The state folder a run with this -o (and --format, --state-dir) used."""
+    if state_dir is not None:
+        return state_dir
+    local = local_path_of(output)
+    if local is not None and local.is_dir():
+        return local / ".caprl"  # WebDataset shards or sidecar captions: the state is inside
+    try:
+        output_format = output_format_for(output, output_format)
+    except UsageError:
+        output_format = "parquet"
+    return open_target(output, [output], OutputOptions(output_format=output_format)).state_dir
+
+
+def output_status(
+    output: str,
+    inputs: list[str],
+    output_format: str | None = None,
+    state_dir: Path | None = None,
+    storage_options: StorageOptions | None = None,
+) -> dict[str, Any]:
     """done, ok, errors (and by kind), remaining (None without inputs), last run, images/s, ETA."""
-    state = RunState(output)
+    state = RunState(None, state_dir=state_dir_of(str(output), output_format, state_dir), label=str(output))
     if not state.exists():
-        raise UsageError(f"no caprl run has written {output} (no state folder {state.dir.name})")
+        raise UsageError(f"no caprl run has written {output} (no state folder {state.dir})")
     index = state.committed()
     errors_by_kind = index.error_counts()
     errors = sum(errors_by_kind.values())
     remaining = None
     if inputs:
-        remaining = len(plan_run(list_samples(inputs), index, retry_errors=False, limit=None).todo)
+        options = InputOptions(storage_options=storage_options or {})
+        plan = plan_run(resolve_inputs(inputs, options), index, finished_shards=state.finished_shards(), options=options)
+        remaining = sum(1 for _ in plan.samples())
     last_run = state.last_run()
     rate = (last_run or {}).get("images_per_s") or None
     eta = remaining / rate if remaining is not None and rate else None
@@ -37,7 +63,7 @@ def output_status(output: Path, inputs: list[str]) -> dict[str, Any]:
         "errors_by_kind": errors_by_kind,
         "remaining": remaining,
         "parts": len(index.parts),
-        "output_current": state.output_is_current(index.parts),
+        "output_current": state.merged_parts() == [part.name for part in index.parts],
         "last_run": last_run,
         "images_per_s": rate,
         "eta_s": round(eta, 1) if eta is not None else None,

@@ -32,9 +32,9 @@ class RowWriter(Protocol):
     def abort(self) -> None: ...
 
 
-def rows_to_table(rows: list[Row]) -> pa.Table:
-    """Rows as an Arrow table with the contract's schema."""
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+def rows_to_table(rows: list[Row], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """Rows as an Arrow table with the contract's schema (or a part schema that extends it)."""
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -71,14 +71,15 @@ STATISTICS_COLUMNS = ["key", "status", "finish_reason", "prompt_tokens", "output
 class ParquetRowWriter:
     """Rows gathered into row groups of `row_group_rows`; provenance in the key-value metadata."""
 
-    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS, schema: pa.Schema = SCHEMA) -> None:
         self.path = path
         self.temp = temp_path_for(path)
         self.row_group_rows = row_group_rows
+        self.schema = schema
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._writer = pq.ParquetWriter(
-            self.temp, SCHEMA, compression="zstd", write_statistics=STATISTICS_COLUMNS
+            self.temp, schema, compression="zstd", write_statistics=STATISTICS_COLUMNS
         )
 
     def write(self, rows: list[Row]) -> None:
@@ -88,7 +89,7 @@ class ParquetRowWriter:
     def write_table(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        self._pending.append(table.select(list(COLUMNS)).cast(SCHEMA))
+        self._pending.append(table.select(self.schema.names).cast(self.schema))
         self._pending_rows += table.num_rows
         if self._pending_rows >= self.row_group_rows:
             self._write_pending()

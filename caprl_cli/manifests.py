@@ -1,0 +1,208 @@
+"""JSONL and Parquet manifests that list images: one sample per record, read as a stream.
+
+Large corpora (CapRL-2M among them) ship as a manifest of image paths plus per-image columns, not as a
+folder. A manifest can hold millions of records on object storage, so it is read line by line or batch
+by batch, never whole. A bad record never stops the run: it becomes a MANIFEST error sample keyed by its
+line or row number. Only a manifest that cannot be read at all, or names no image column, is a usage
+error. Duplicate image values yield duplicate samples; the caller dedupes.
+
+A sample's key is the image value as written (a URL's credentials removed: a signed query changes from
+run to run, a key must not); an image embedded as bytes (a `datasets` Image struct) is keyed by its
+stored path, else `<manifest name>#<row>`, and its source is `<manifest>#<row>`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import posixpath
+import zlib
+from collections.abc import Iterator
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from caprl_cli.errors import ErrorKind, UsageError
+from caprl_cli.inputs import IMAGE_EXTENSIONS, Sample
+from caprl_cli.storage import StorageOptions, is_url, join, open_input, redact
+
+DEFAULT_IMAGE_COLUMNS = ("image", "image_path", "path", "url", "file_name")
+MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+_CHUNK = 1 << 20
+_BATCH_ROWS = 4096
+
+
+def is_manifest_name(name: str) -> bool:
+    """True for `.jsonl`, `.jsonl.gz` and `.parquet` names in any case (a URL by its path alone)."""
+    return _path_part(name).lower().endswith(MANIFEST_SUFFIXES)
+
+
+def manifest_samples(
+    location: str,
+    *,
+    image_column: str | None = None,
+    image_root: str | None = None,
+    keep_meta: bool = True,
+    options: StorageOptions | None = None,
+) -> Iterator[Sample]:
+    """One sample per record of the manifest at `location` (a local path or an fsspec URL), in order.
+
+    Relative image values resolve against `image_root`, else the manifest's own folder; absolute paths
+    and URLs are used as written. With `keep_meta`, the record's other columns become the sample's meta:
+    bytes are left out (binary blobs do not belong in JSON text), other values JSON cannot hold
+    (timestamps, decimals) become strings, NaN and infinities become null.
+    """
+    name = posixpath.basename(_path_part(location)) or location
+    root = image_root if image_root is not None else _folder_of(location)
+    if not is_url(root):
+        root = os.path.abspath(os.path.expanduser(root))
+    parquet = _path_part(location).lower().endswith(".parquet")
+    records = (
+        _parquet_records(location, options, image_column, keep_meta) if parquet else _jsonl_records(location, options)
+    )
+    column = None
+    for n, record, problem in records:
+        if record is None:
+            yield _error(location, name, n, problem or "unreadable record")
+            continue
+        column = column or _pick_column(record, image_column, location)
+        if n:  # row 0 is a Parquet schema, not a record
+            yield _sample(location, name, n, record, column, root, keep_meta)
+
+
+def _pick_column(record: dict[str, Any], wanted: str | None, location: str) -> str:
+    """The image column: `wanted` when given, else the first default one the record has."""
+    candidates = (wanted,) if wanted is not None else DEFAULT_IMAGE_COLUMNS
+    for candidate in candidates:
+        if candidate in record:
+            return candidate
+    looked = repr(wanted) if wanted is not None else "any of " + ", ".join(DEFAULT_IMAGE_COLUMNS)
+    columns = ", ".join(map(str, record)) or "none"
+    raise UsageError(f"manifest {redact(location)} has no image column ({looked}); its columns: {columns}")
+
+
+def _sample(location: str, name: str, n: int, record: dict, column: str, root: str, keep_meta: bool) -> Sample:
+    """The sample for one record whose image is in `column`, or a MANIFEST error sample."""
+    value = record.get(column)
+    meta = _meta(record, column) if keep_meta else None
+    if isinstance(value, dict):
+        data, value = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            key = value if isinstance(value, str) and value else f"{name}#{n}"
+            return Sample(key=key, source=f"{redact(location)}#{n}", data=bytes(data), meta=meta, ext=_ext(key))
+    if not isinstance(value, str) or not value.strip():
+        return _error(location, name, n, f"record has no image path in column {column!r}")
+    path = join(root, value)
+    return Sample(key=redact(value), source=redact(path), path=path, meta=meta, ext=_ext(value))
+
+
+def _meta(record: dict[str, Any], column: str) -> str | None:
+    """The record's other columns as JSON text, in record order; None when nothing is left."""
+    other = {key: _plain(value) for key, value in record.items() if key != column and not _is_blob(value)}
+    return json.dumps(other, ensure_ascii=False) if other else None
+
+
+def _is_blob(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview))
+
+
+def _plain(value: Any) -> Any:
+    """`value` as something JSON holds: blobs dropped, NaN as null, other oddities as strings."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items() if not _is_blob(item)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value if not _is_blob(item)]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _error(location: str, name: str, n: int, message: str) -> Sample:
+    return Sample(key=f"{name}#{n}", source=redact(location), error_kind=ErrorKind.MANIFEST, error_message=message)
+
+
+def _jsonl_records(location: str, options: StorageOptions | None) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, record, None) per non-blank line, or (line number, None, what is wrong with it)."""
+    for n, raw in enumerate(_lines(location, options), start=1):
+        try:
+            text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            record = json.loads(text) if text else None
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+            yield n, None, f"line is not valid JSON: {str(exc)[:200]}"
+            continue
+        if isinstance(record, dict):
+            yield n, record, None
+        elif text:
+            yield n, None, f"line holds a JSON {type(record).__name__}, not an object"
+
+
+def _lines(location: str, options: StorageOptions | None) -> Iterator[bytes]:
+    """The manifest's raw lines, read in chunks: streamed HTTP files cannot seek back for readline."""
+    with _opened(location, options, stream=True) as raw:
+        handle: IO[bytes] = gzip.GzipFile(fileobj=raw) if _path_part(location).lower().endswith(".gz") else raw
+        pending = b""
+        while True:
+            chunk = _guarded(location, handle.read, _CHUNK)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            yield from complete
+        if pending:
+            yield pending
+
+
+def _parquet_records(
+    location: str, options: StorageOptions | None, wanted: str | None, keep_meta: bool
+) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(0, the schema as an empty record) first, then (row number, row, None) batch by batch; without
+    meta only the image column is read."""
+    import pyarrow.parquet as pq
+
+    with _opened(location, options, stream=False) as handle:
+        parquet = _guarded(location, pq.ParquetFile, handle)
+        schema = dict.fromkeys(parquet.schema_arrow.names)
+        yield 0, schema, None
+        columns = None if keep_meta else [_pick_column(schema, wanted, location)]
+        batches = _guarded(location, parquet.iter_batches, batch_size=_BATCH_ROWS, columns=columns)
+        n = 0
+        while (batch := _guarded(location, next, batches, None)) is not None:
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row, None
+
+
+def _opened(location: str, options: StorageOptions | None, stream: bool) -> IO[bytes]:
+    return _guarded(location, open_input, location, options, stream)
+
+
+def _guarded(location: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args)`, with any failure to read the manifest turned into a usage error naming it."""
+    import pyarrow as pa
+
+    try:
+        return call(*args, **kwargs)
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
+        # Backends put the raw path (query and all) into their messages: only Arrow's, about content, pass.
+        reason = str(exc) if isinstance(exc, pa.ArrowException) else getattr(exc, "strerror", None)
+        raise UsageError(f"cannot read manifest {redact(location)}: {reason or type(exc).__name__}") from None
+
+
+def _path_part(location: str) -> str:
+    """A location without its URL query: what names and suffixes are judged by."""
+    return urlsplit(location.split("::")[-1]).path if is_url(location) else location
+
+
+def _folder_of(location: str) -> str:
+    """The folder a manifest sits in: a local directory, or a URL without its query and file name."""
+    if not is_url(location):
+        return os.path.dirname(os.path.expanduser(location)) or "."
+    return location.split("?", 1)[0].rsplit("/", 1)[0]
+
+
+def _ext(value: str) -> str | None:
+    """The image extension of a path or URL, lowercased and without the dot; None when it has none."""
+    ext = os.path.splitext(_path_part(value))[1].lower()
+    return ext[1:] if ext in IMAGE_EXTENSIONS else None

@@ -1,0 +1,150 @@
+"""Every kind of INPUT a corpus builder has, turned into two things: listed samples and streams.
+
+Folders (local or remote), image files, image URLs and file lists are *listed*: each image is one
+small `Sample` known up front, sorted by key, so planning is one vectorised lookup. WebDataset shards
+and manifests are *streamed*: their samples are only known by reading them front to back, which for a
+remote shard is a download, so they are read once, lazily, while the engine runs (see `plan.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from caprl_cli.errors import UsageError
+from caprl_cli.inputs import Sample, is_image_name, walk_images
+from caprl_cli.locations import expand_shard_spec, read_file_list, walk_remote_folder
+from caprl_cli.manifests import is_manifest_name
+from caprl_cli.shards import is_shard_name
+from caprl_cli.storage import StorageOptions, is_url, local_path_of, redact
+
+log = logging.getLogger("caprl")
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One tar shard: `url` opens it (it may carry credentials); `source` is what rows record."""
+
+    url: str
+    source: str
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How inputs are read: storage credentials, manifest columns, whether side data is kept."""
+
+    storage_options: StorageOptions = field(default_factory=dict)
+    files_from: str | None = None
+    image_column: str | None = None
+    image_root: str | None = None
+    keep_meta: bool = True
+
+
+@dataclass
+class InputSet:
+    """What the inputs name: listed samples (sorted, unique keys), shards and manifests, in order."""
+
+    listed: list[Sample] = field(default_factory=list)
+    shards: list[ShardRef] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+
+    @property
+    def streams(self) -> int:
+        return len(self.shards) + len(self.manifests)
+
+
+def shard_ref(location: str) -> ShardRef:
+    """A shard by location; local shards are recorded by absolute path, so a resumed run matches."""
+    path = local_path_of(location)
+    if path is not None:
+        absolute = str(path.resolve())
+        return ShardRef(url=absolute, source=absolute)
+    return ShardRef(url=location, source=redact(location))
+
+
+class InputResolver:
+    """Resolves INPUT strings one by one into an `InputSet`; keys must stay unique across inputs."""
+
+    def __init__(self, options: InputOptions, stdin: TextIO | None = None) -> None:
+        self.options = options
+        self.stdin = stdin or sys.stdin
+        self.found = InputSet()
+        self._by_key: dict[str, Sample] = {}
+
+    def resolve(self, inputs: list[str]) -> InputSet:
+        entries = list(inputs)
+        if self.options.files_from:
+            entries.append("@" + self.options.files_from)
+        for raw in entries:
+            self.add(raw)
+        self.found.listed = [self._by_key[key] for key in sorted(self._by_key)]
+        return self.found
+
+    def add(self, raw: str, listed_in: str | None = None) -> None:
+        """One INPUT: `@LIST`, a shard spec, a manifest, a URL, a folder or an image file."""
+        if raw.startswith("@") and listed_in is None:
+            listing = raw[1:]
+            for entry in read_file_list(listing, self.options.storage_options, stdin=self.stdin):
+                self.add(entry, listed_in=listing)
+            return
+        shards = expand_shard_spec(raw)
+        if shards is not None:
+            if len(shards) == 1 and not is_url(shards[0]) and not Path(shards[0]).expanduser().is_file():
+                raise UsageError(f"shard {raw} does not exist")
+            self.found.shards.extend(shard_ref(shard) for shard in shards)
+        elif is_manifest_name(raw):
+            self.found.manifests.append(raw)
+        elif is_url(raw):
+            self.add_url(raw, listed_in)
+        else:
+            self.add_local(raw, listed_in)
+
+    def add_url(self, url: str, listed_in: str | None) -> None:
+        if is_image_name(url.split("?", 1)[0]):
+            source = redact(url)
+            self.add_sample(Sample(key=source, source=source, path=url))
+            return
+        images, shards = walk_remote_folder(url, self.options.storage_options)
+        if not images and not shards:
+            log.warning("no images or shards found in %s", redact(url))
+        for entry in images:
+            self.add_sample(Sample(key=entry.key, source=redact(entry.url), path=entry.url))
+        self.found.shards.extend(shard_ref(entry.url) for entry in shards)
+
+    def add_local(self, raw: str, listed_in: str | None) -> None:
+        path = Path(raw).expanduser()
+        where = f" (listed in {listed_in})" if listed_in else ""
+        if path.is_dir():
+            base = path.resolve()
+            for found in walk_images(path, wanted=lambda name: is_image_name(name) or is_shard_name(name)):
+                relative = found.relative_to(path).as_posix()
+                if is_shard_name(found.name):
+                    self.found.shards.append(shard_ref(str(found)))
+                else:
+                    source = str(base / relative)
+                    self.add_sample(Sample(key=relative, source=source, path=source))
+        elif path.is_file() and is_image_name(path.name):
+            source = str(path.resolve())
+            # An image named on the command line is keyed by its name; one in a list by the line itself.
+            self.add_sample(Sample(key=raw if listed_in else path.name, source=source, path=str(path)))
+        elif path.exists():
+            raise UsageError(f"{raw}{where} is not a folder, image, shard or manifest")
+        else:
+            raise UsageError(f"input {raw}{where} does not exist")
+
+    def add_sample(self, sample: Sample) -> None:
+        seen = self._by_key.get(sample.key)
+        if seen is not None and seen.source != sample.source:
+            raise UsageError(
+                f"key {sample.key!r} names both {seen.source} and {sample.source}; "
+                "caption these inputs into separate outputs"
+            )
+        self._by_key[sample.key] = sample
+
+
+def resolve_inputs(inputs: list[str], options: InputOptions | None = None, stdin: TextIO | None = None) -> InputSet:
+    """All INPUTs (and `--files-from`) as listed samples, shards and manifests."""
+    return InputResolver(options or InputOptions(), stdin).resolve(inputs)

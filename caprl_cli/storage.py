@@ -1,0 +1,156 @@
+"""Where bytes live: local paths and fsspec URLs (s3://, gs://, hf://, https://, memory://, file://).
+
+Everything that reads an input or writes an output goes through here, so a corpus on object storage
+is handled exactly like one on disk. Credentials only ever come through fsspec's own mechanisms
+(environment, config files, `--storage-option`), and `redact` strips whatever a URL itself carries
+(user:password@, signed query strings) before a URL reaches a log line, an error row or metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from caprl_cli.errors import UsageError
+
+StorageOptions = dict[str, Any]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Schemes whose readers stream (no random access, no local copy) when asked for a block size of 0.
+_STREAMING_SCHEMES = frozenset({"http", "https"})
+
+
+def is_url(text: str) -> bool:
+    """True for `scheme://...` (fsspec URLs, including chained `simplecache::s3://...`)."""
+    return bool(_URL.match(text)) or ("::" in text and bool(_URL.match(text.split("::")[-1])))
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of the last link of a URL: `simplecache::s3://b/k` -> `s3`; a local path -> `file`."""
+    last = url.split("::")[-1]
+    return last.split("://", 1)[0].lower() if _URL.match(last) else "file"
+
+
+def local_path_of(location: str) -> Path | None:
+    """The local path a location names (a plain path or `file://`), else None."""
+    if not is_url(location):
+        return Path(location).expanduser()
+    if location.lower().startswith("file://"):
+        return Path(location[len("file://") :])
+    return None
+
+
+def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> StorageOptions:
+    """`key=value` pairs into fsspec keyword arguments; values are JSON when they parse as JSON."""
+    options: StorageOptions = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--storage-option takes key=value, got {redact(pair.split('=')[0])!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        options[name.strip()] = value
+    return options
+
+
+def filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for `url`; a missing backend is a usage error."""
+    import fsspec.core
+
+    try:
+        return fsspec.core.url_to_fs(url, **(options or {}))
+    except ImportError as exc:
+        raise UsageError(f"cannot read {redact(url)}: {missing_backend_hint(url, exc)}") from None
+    except ValueError as exc:
+        if "Protocol not known" in str(exc):
+            raise UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme_of(url)}://") from None
+        raise
+
+
+def missing_backend_hint(url: str, exc: BaseException) -> str:
+    """Which package brings the backend a URL needs."""
+    packages = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+    package = packages.get(scheme_of(url))
+    hint = f" (pip install {package})" if package else ""
+    return f"the fsspec backend for {scheme_of(url)}:// is not installed{hint}: {exc}"
+
+
+def open_input(location: str, options: StorageOptions | None = None, stream: bool = False) -> IO[bytes]:
+    """Open a local path or URL for reading. With `stream`, HTTP is read front to back as it arrives,
+    never downloaded whole first and never asked for byte ranges."""
+    path = local_path_of(location)
+    if path is not None:
+        return open(path, "rb")
+    fs, inner = filesystem(location, options)
+    kwargs: dict[str, Any] = {}
+    if stream and scheme_of(location) in _STREAMING_SCHEMES:
+        kwargs["block_size"] = 0
+    return fs.open(inner, "rb", **kwargs)
+
+
+def read_bytes(location: str, options: StorageOptions | None = None) -> bytes:
+    """The whole content of a local path or URL."""
+    with open_input(location, options) as handle:
+        return handle.read()
+
+
+def join(base: str, relative: str) -> str:
+    """`relative` under `base`, for local folders and URLs alike (an absolute `relative` wins)."""
+    if is_url(relative) or relative.startswith("/"):
+        return relative
+    if is_url(base):
+        return base.rstrip("/") + "/" + relative.lstrip("/")
+    return os.path.join(base, relative)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it removed: user:password@ and the query string.
+
+    Signed URLs (S3 presigned, GCS, Azure SAS) carry their secret in the query, so the whole query
+    goes. Works on a bare URL and on a message that quotes one.
+    """
+    return _URL_IN_TEXT.sub(lambda found: _redact_one(found.group(0)), text)
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("?", 1)[0].rsplit("@", 1)[-1]
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "REDACTED" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def upload(local: Path, url: str, options: StorageOptions | None = None) -> None:
+    """Publish a finished local file at `url`: under a temporary name first, renamed when complete,
+    so a reader of the remote location never sees half a file."""
+    fs, inner = filesystem(url, options)
+    parent, _, name = inner.rpartition("/")
+    temp = f"{parent}/.{name}.{os.getpid()}.tmp" if parent else f".{name}.{os.getpid()}.tmp"
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.put_file(str(local), temp)
+    try:
+        fs.mv(temp, inner)
+    except BaseException:
+        fs.rm(temp)
+        raise
+
+
+def exists(location: str, options: StorageOptions | None = None) -> bool:
+    """Whether a local path or URL exists."""
+    path = local_path_of(location)
+    if path is not None:
+        return path.exists()
+    fs, inner = filesystem(location, options)
+    return bool(fs.exists(inner))
