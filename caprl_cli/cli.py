@@ -31,7 +31,7 @@ from caprl_cli.settings import (
     parse_duration,
     validate_settings,
 )
-from caprl_cli.storage import parse_storage_options
+from caprl_cli.storage import parse_storage_options, redact
 from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 
@@ -204,8 +204,8 @@ def configure_logging(quiet: bool, verbose: int) -> None:
 
 
 def fail(message: str, code: int) -> int:
-    """One line on stderr, nothing else."""
-    click.echo(f"caprl: error: {' '.join(message.split())}", err=True)
+    """One line on stderr, nothing else (and no credential a URL in it carried)."""
+    click.echo(f"caprl: error: {' '.join(redact(message).split())}", err=True)
     return code
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs import Sample
 from caprl_cli.manifests import manifest_samples
 from caprl_cli.rows import Row, error_kind_of
@@ -133,7 +134,13 @@ class Plan:
         try:
             stream = open_input(shard.url, self.options.storage_options, stream=True)
         except Exception as exc:  # a missing or unreachable shard is one error row, not a failed run
-            yield from read_shard(shard.source, _Unreadable(exc), keep_meta=self.options.keep_meta)
+            detail = redact(f"{type(exc).__name__}: {exc}")
+            yield Sample(
+                key=f"{shard.source}@0",
+                source=shard.source,
+                error_kind=ErrorKind.SHARD,
+                error_message=f"cannot open shard {shard.source}: {detail}",
+            )
             return
         with stream:
             yield from read_shard(shard.source, stream, keep_meta=self.options.keep_meta)
@@ -221,16 +228,6 @@ def plan_run(
         retry_errors=retry_errors,
         limit=limit,
     )
-
-
-class _Unreadable:
-    """A stand-in stream for a shard that could not be opened: reading it raises the open error."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def read(self, size: int = -1) -> bytes:
-        raise OSError(f"cannot open: {redact(str(self.error))}")
 
 
 def peek(samples: Iterator[Sample]) -> tuple[Sample | None, Iterator[Sample]]:

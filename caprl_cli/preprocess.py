@@ -24,7 +24,7 @@ from caprl_cli.errors import ErrorKind, SampleError
 from caprl_cli.grid import Grid
 from caprl_cli.images import prepare_image
 from caprl_cli.inputs import Sample
-from caprl_cli.storage import StorageOptions, is_url, read_bytes, redact
+from caprl_cli.storage import StorageOptions, is_process_local, is_url, read_bytes, redact
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,13 @@ class Preprocessor:
             known: Future[Outcome] = Future()
             known.set_result(prepare_sample(sample, self.grid, self.max_image_pixels))
             return known
+        if sample.data is None and sample.path is not None and is_process_local(sample.path):
+            try:
+                sample = replace(sample, data=read_sample_bytes(sample, self.storage_options))
+            except SampleError as exc:
+                failed: Future[Outcome] = Future()
+                failed.set_result(Failed(sample, exc.kind, exc.message))
+                return failed
         return self._pool.submit(_prepare_in_worker, sample)
 
     def _collect(self, in_flight: deque[tuple[Sample, Future[Outcome]]], keep: int) -> Iterator[Outcome]:

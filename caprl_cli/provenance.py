@@ -15,6 +15,7 @@ from typing import Any
 
 from caprl_cli import __version__
 from caprl_cli.settings import CaptionSettings
+from caprl_cli.storage import redact
 
 
 def utc_now() -> str:
@@ -95,7 +96,7 @@ def build_provenance(
             "max_image_pixels": settings.max_image_pixels,
             "grid_factor": facts.grid_factor,
         },
-        "output": str(settings.output),
+        "output": redact(str(settings.output)) if settings.output is not None else None,
         "format": settings.output_format,
         "counts": totals,
         "run": {

@@ -35,6 +35,12 @@ def scheme_of(url: str) -> str:
     return last.split("://", 1)[0].lower() if _URL.match(last) else "file"
 
 
+def is_process_local(location: str) -> bool:
+    """True for `memory://`: its files exist only in the process that wrote them, so a worker process
+    cannot read them and the parent must."""
+    return is_url(location) and scheme_of(location) == "memory"
+
+
 def local_path_of(location: str) -> Path | None:
     """The local path a location names (a plain path or `file://`), else None."""
     if not is_url(location):

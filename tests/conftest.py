@@ -3,11 +3,14 @@ helper that runs the real `caprl` command in a subprocess."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,50 @@ def run_caprl() -> RunCaprl:
         )
 
     return run
+
+
+@pytest.fixture
+def serve_folder() -> Iterator[Callable[[Path], str]]:
+    """Serve folders over HTTP on 127.0.0.1 (a port of its own each); returns the base URL, no slash."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def memory_fs() -> Iterator[object]:
+    """fsspec's process-global memory filesystem, emptied after the test."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    yield fs
+    for path in list(fs.store):
+        fs.store.pop(path, None)
+    fs.pseudo_dirs[:] = [""]
+
+
+def write_shard(path: Path, samples: list[dict[str, object]]) -> Path:
+    """A WebDataset shard written by webdataset's own TarWriter: each sample a dict with __key__ and
+    one entry per member (bytes, text, or a dict for .json)."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return path
