@@ -57,7 +57,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
 @option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards; local or a URL (s3://...).")
 @option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's name.")
 @option("--files-from", default=None, help="Also caption the paths or URLs listed in this file, one a line ('-': stdin).")
@@ -102,6 +102,8 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     manifest, or @LIST (a file of paths or URLs).
     """
     configure_logging(quiet, verbose)
+    if not inputs and not options.get("files_from"):
+        raise UsageError("missing argument INPUT (a folder, image, shard, manifest or @LIST) or --files-from")
     output: str | None = options.pop("output")
     output_format = output_format_for(output, options.pop("output_format"))
     storage_options = parse_storage_options(options.pop("storage_options"))

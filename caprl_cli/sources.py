@@ -148,3 +148,8 @@ class InputResolver:
 def resolve_inputs(inputs: list[str], options: InputOptions | None = None, stdin: TextIO | None = None) -> InputSet:
     """All INPUTs (and `--files-from`) as listed samples, shards and manifests."""
     return InputResolver(options or InputOptions(), stdin).resolve(inputs)
+
+
+def list_samples(inputs: list[str]) -> list[Sample]:
+    """The listed samples of local folders and images, sorted by key (shards and manifests aside)."""
+    return resolve_inputs(inputs).listed

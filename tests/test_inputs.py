@@ -8,7 +8,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import is_image_name, list_samples
+from caprl_cli.inputs import is_image_name
+from caprl_cli.sources import list_samples
 from corpus import SKIPPED_KEYS
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from caprl_cli.errors import ErrorKind
 from caprl_cli.grid import Grid
 from caprl_cli.images import DEFAULT_MAX_IMAGE_PIXELS
-from caprl_cli.inputs import Sample, list_samples
+from caprl_cli.inputs import Sample
+from caprl_cli.sources import list_samples
 from caprl_cli.preprocess import Failed, Prepared, Preprocessor, prepare_sample, read_sample_bytes
 
 GRID = Grid(28)
