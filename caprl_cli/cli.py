@@ -18,6 +18,7 @@ import click
 
 from caprl_cli import __version__, exit_codes
 from caprl_cli.errors import OutputLocked, UsageError
+from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MODEL,
@@ -32,8 +33,6 @@ from caprl_cli.settings import (
     validate_settings,
 )
 from caprl_cli.storage import parse_storage_options, redact
-from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-
 
 log = logging.getLogger("caprl")
 

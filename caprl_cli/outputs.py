@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from caprl_cli.errors import UsageError
 from caprl_cli.merge import compacted_part_path, merge_output
-from caprl_cli.rows import EXPORTED_SHARD, IMAGE_COLUMNS, STATUS_OK, SCHEMA
+from caprl_cli.rows import EXPORTED_SHARD, SCHEMA, STATUS_OK
 from caprl_cli.run_state import CommittedIndex, RunState, state_dir_for
 from caprl_cli.sidecar_output import SidecarResult, write_sidecar
 from caprl_cli.storage import StorageOptions, exists, filesystem, local_path_of, redact, upload

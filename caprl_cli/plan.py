@@ -87,7 +87,8 @@ class Plan:
     _lock: threading.Lock = field(default_factory=threading.Lock)  # samples() may run on a reader thread
 
     def __post_init__(self) -> None:
-        self.inputs, self.already_done, self.retrying = self.listed.inputs, self.listed.already_done, self.listed.retrying
+        listed = self.listed
+        self.inputs, self.already_done, self.retrying = listed.inputs, listed.already_done, listed.retrying
         self.tallies[LISTED] = StreamTally(samples=len(self.listed.todo), finished=True)
         for shard in self.shards:
             record = None if self.retry_errors else self.finished_shards.get(shard.source)
@@ -200,7 +201,9 @@ class Plan:
     def unfinished_streams(self) -> int:
         """Shards and manifests not read to the end, or with samples that got no row."""
         return sum(
-            1 for origin, tally in self.tallies.items() if origin != LISTED and (not tally.finished or tally.outstanding)
+            1
+            for origin, tally in self.tallies.items()
+            if origin != LISTED and (not tally.finished or tally.outstanding)
         )
 
     @property

@@ -70,7 +70,11 @@ def read_sample_bytes(sample: Sample, storage_options: StorageOptions | None = N
 
 
 def prepare_sample(
-    sample: Sample, grid: Grid, max_image_pixels: int, keep_bytes: bool = False, storage_options: StorageOptions | None = None
+    sample: Sample,
+    grid: Grid,
+    max_image_pixels: int,
+    keep_bytes: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> Outcome:
     """Read, decode and resize one sample; any failure becomes `Failed`.
 

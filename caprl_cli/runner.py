@@ -12,7 +12,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from caprl_cli.engines import load_engine
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, Sampling
@@ -31,9 +30,8 @@ from caprl_cli.rows import PART_SCHEMA_WITH_IMAGES, SCHEMA, Row, caption_row, er
 from caprl_cli.run_state import RunState, fingerprint_changes, fingerprint_of
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.sources import InputOptions, InputSet, resolve_inputs
+from caprl_cli.stopping import Stopper, StopReason
 from caprl_cli.storage import is_url
-from caprl_cli.stopping import StopReason, Stopper
-from caprl_cli.writers import write_json_atomically
 
 log = logging.getLogger("caprl")
 

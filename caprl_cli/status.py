@@ -50,7 +50,8 @@ def output_status(
     remaining = None
     if inputs:
         options = InputOptions(storage_options=storage_options or {})
-        plan = plan_run(resolve_inputs(inputs, options), index, finished_shards=state.finished_shards(), options=options)
+        found = resolve_inputs(inputs, options)
+        plan = plan_run(found, index, finished_shards=state.finished_shards(), options=options)
         remaining = sum(1 for _ in plan.samples())
     last_run = state.last_run()
     rate = (last_run or {}).get("images_per_s") or None

@@ -19,6 +19,17 @@ from caprl_cli.errors import UsageError
 
 StorageOptions = dict[str, Any]
 
+# The package that brings each scheme's fsspec backend (the README lists the same).
+BACKEND_PACKAGES = {
+    "s3": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "hf": "huggingface_hub",
+}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Schemes whose readers stream (no random access, no local copy) when asked for a block size of 0.
 _STREAMING_SCHEMES = frozenset({"http", "https"})
@@ -81,8 +92,7 @@ def filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, st
 
 def missing_backend_hint(url: str, exc: BaseException) -> str:
     """Which package brings the backend a URL needs."""
-    packages = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
-    package = packages.get(scheme_of(url))
+    package = BACKEND_PACKAGES.get(scheme_of(url))
     hint = f" (pip install {package})" if package else ""
     return f"the fsspec backend for {scheme_of(url)}:// is not installed{hint}: {exc}"
 

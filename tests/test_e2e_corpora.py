@@ -17,12 +17,12 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, _QuietHandler, write_shard
+from contract import read_rows
 from PIL import Image
 
 from caprl_cli.runner import run_caption
 from caprl_cli.settings import CaptionSettings
-from conftest import ROOT, _QuietHandler, write_shard
-from contract import read_rows
 
 FAST = ("--engine", "transformers", "--max-tokens", "8", "--batch-size", "4", "--no-progress", "--workers", "1")
 
@@ -33,7 +33,9 @@ def image_bytes(index: int, fmt: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+def add_member(
+    tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
     tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
