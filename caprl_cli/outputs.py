@@ -27,7 +27,7 @@ from caprl_cli.merge import compacted_part_path, merge_output
 from caprl_cli.rows import EXPORTED_SHARD, SCHEMA, STATUS_OK
 from caprl_cli.run_state import CommittedIndex, RunState, state_dir_for
 from caprl_cli.sidecar_output import SidecarResult, write_sidecar
-from caprl_cli.storage import StorageOptions, exists, filesystem, local_path_of, redact, upload
+from caprl_cli.storage import StorageOptions, exists, filesystem, local_path_of, redact, require_backend, upload
 from caprl_cli.wds_output import (
     ShardSetWriter,
     existing_shard_numbers,
@@ -311,6 +311,7 @@ def open_target(location: str | None, inputs: list[str], options: OutputOptions)
         return SidecarTarget(folder, options)
     if location is None:
         raise UsageError("missing option -o/--output (only --format sidecar writes without one)")
+    require_backend(location)
     if options.output_format == "webdataset":
         return ShardTarget(location, options)
     return FileTarget(location, options)

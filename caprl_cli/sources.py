@@ -19,7 +19,7 @@ from caprl_cli.inputs import Sample, is_image_name, walk_images
 from caprl_cli.locations import expand_shard_spec, read_file_list, walk_remote_folder
 from caprl_cli.manifests import is_manifest_name
 from caprl_cli.shards import is_shard_name
-from caprl_cli.storage import StorageOptions, is_url, local_path_of, redact
+from caprl_cli.storage import StorageOptions, is_url, local_path_of, redact, require_backend
 
 log = logging.getLogger("caprl")
 
@@ -90,6 +90,7 @@ class InputResolver:
             for entry in read_file_list(listing, self.options.storage_options, stdin=self.stdin):
                 self.add(entry, listed_in=listing)
             return
+        require_backend(raw)
         shards = expand_shard_spec(raw)
         if shards is not None:
             if len(shards) == 1 and not is_url(shards[0]) and not Path(shards[0]).expanduser().is_file():

@@ -19,15 +19,15 @@ from caprl_cli.errors import UsageError
 
 StorageOptions = dict[str, Any]
 
-# The package that brings each scheme's fsspec backend (the README lists the same).
+# What to install for each scheme's fsspec backend (the README lists the same).
 BACKEND_PACKAGES = {
-    "s3": "s3fs",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "az": "adlfs",
-    "abfs": "adlfs",
-    "http": "aiohttp",
-    "https": "aiohttp",
+    "s3": '"caprl-cli[s3]"',
+    "gs": '"caprl-cli[gcs]"',
+    "gcs": '"caprl-cli[gcs]"',
+    "az": '"caprl-cli[azure]"',
+    "abfs": '"caprl-cli[azure]"',
+    "http": '"caprl-cli[http]"',
+    "https": '"caprl-cli[http]"',
     "hf": "huggingface_hub",
 }
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -88,6 +88,24 @@ def filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, st
         if "Protocol not known" in str(exc):
             raise UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme_of(url)}://") from None
         raise
+
+
+def require_backend(url: str) -> None:
+    """Refuse a URL whose fsspec backend is not installed before any work starts (exit 2, not an
+    error row per shard or image)."""
+    if not is_url(url):
+        return
+    import fsspec
+
+    for link in url.split("::"):
+        if not _URL.match(link):
+            continue
+        try:
+            fsspec.get_filesystem_class(scheme_of(link))
+        except ImportError as exc:
+            raise UsageError(f"cannot read {redact(url)}: {missing_backend_hint(link, exc)}") from None
+        except ValueError:
+            raise UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme_of(link)}://") from None
 
 
 def missing_backend_hint(url: str, exc: BaseException) -> str:
