@@ -42,6 +42,7 @@ from caprl_cli.inputs import Sample
 from caprl_cli.merge import merge_output
 from caprl_cli.parts import PartWriter, new_run_id
 from caprl_cli.plan import plan_run
+from caprl_cli.sources import InputSet
 from caprl_cli.rows import Row, caption_row, error_row
 from caprl_cli.run_state import RunState
 
@@ -351,10 +352,10 @@ def phase_scan(workdir: Path, workload: Workload) -> PhaseResult:
     with measured() as m:
         index = RunState(workdir / OUTPUT_NAME).committed()
         m.mark("committed")
-        plan = plan_run(samples, index, retry_errors=False, limit=None)
+        plan = plan_run(InputSet(listed=samples), index)
         m.mark("plan_run")
     check(index.size == workload.distinct_keys, f"index.size {index.size} != {workload.distinct_keys} distinct keys")
-    check([s.key for s in plan.todo] == expected_todo, "plan.todo is not exactly the new keys")
+    check([s.key for s in plan.listed.todo] == expected_todo, "plan.listed.todo is not exactly the new keys")
     check(plan.already_done == workload.distinct_keys, f"already_done {plan.already_done}")
     return PhaseResult(
         name="scan",
@@ -365,7 +366,7 @@ def phase_scan(workdir: Path, workload: Workload) -> PhaseResult:
             "interpreter_rss_mib": round(interpreter_kib / 1024, 1),
             "samples": len(samples),
             "index_size": index.size,
-            "todo": len(plan.todo),
+            "todo": len(plan.listed.todo),
             "index_nbytes_mib": round(index.latest.nbytes / 2**20, 1),
         },
     )

@@ -33,7 +33,8 @@ class Prefetcher(Iterator[T]):
                 if not self._put(item):
                     return
         except BaseException as exc:  # handed to the consumer, raised where the items are used
-            self._put(_Raised(exc))
+            if self._put(_Raised(exc)):
+                self._put(_END)
             return
         self._put(_END)
 
@@ -47,7 +48,13 @@ class Prefetcher(Iterator[T]):
         return False
 
     def __next__(self) -> T:
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stopped.is_set() and not self._thread.is_alive():
+                    raise StopIteration from None
         if item is _END:
             self._queue.put(_END)  # stay exhausted
             raise StopIteration
@@ -56,7 +63,8 @@ class Prefetcher(Iterator[T]):
         return item  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Stop reading ahead (the reader thread ends at its next item)."""
+        """Stop reading ahead (the reader thread ends at its next item); what was read ahead can still
+        be taken, then iteration ends."""
         self._stopped.set()
 
 

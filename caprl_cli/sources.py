@@ -73,6 +73,7 @@ class InputResolver:
         self.stdin = stdin or sys.stdin
         self.found = InputSet()
         self._by_key: dict[str, Sample] = {}
+        self._shard_sources: set[str] = set()
 
     def resolve(self, inputs: list[str]) -> InputSet:
         entries = list(inputs)
@@ -95,9 +96,13 @@ class InputResolver:
         if shards is not None:
             if len(shards) == 1 and not is_url(shards[0]) and not Path(shards[0]).expanduser().is_file():
                 raise UsageError(f"shard {raw} does not exist")
-            self.found.shards.extend(shard_ref(shard) for shard in shards)
+            for shard in shards:
+                self.add_shard(shard_ref(shard))
         elif is_manifest_name(raw):
-            self.found.manifests.append(raw)
+            if not is_url(raw) and not Path(raw).expanduser().is_file():
+                raise UsageError(f"manifest {raw} does not exist")
+            if raw not in self.found.manifests:  # named twice: read once
+                self.found.manifests.append(raw)
         elif is_url(raw):
             self.add_url(raw, listed_in)
         else:
@@ -113,7 +118,8 @@ class InputResolver:
             log.warning("no images or shards found in %s", redact(url))
         for entry in images:
             self.add_sample(Sample(key=entry.key, source=redact(entry.url), path=entry.url))
-        self.found.shards.extend(shard_ref(entry.url) for entry in shards)
+        for entry in shards:
+            self.add_shard(shard_ref(entry.url))
 
     def add_local(self, raw: str, listed_in: str | None) -> None:
         path = Path(raw).expanduser()
@@ -123,7 +129,7 @@ class InputResolver:
             for found in walk_images(path, wanted=lambda name: is_image_name(name) or is_shard_name(name)):
                 relative = found.relative_to(path).as_posix()
                 if is_shard_name(found.name):
-                    self.found.shards.append(shard_ref(str(found)))
+                    self.add_shard(shard_ref(str(found)))
                 else:
                     source = str(base / relative)
                     self.add_sample(Sample(key=relative, source=source, path=source))
@@ -135,6 +141,12 @@ class InputResolver:
             raise UsageError(f"{raw}{where} is not a folder, image, shard or manifest")
         else:
             raise UsageError(f"input {raw}{where} does not exist")
+
+    def add_shard(self, shard: ShardRef) -> None:
+        """A shard named twice (a folder and one of its shards, say) is read once."""
+        if shard.source not in self._shard_sources:
+            self._shard_sources.add(shard.source)
+            self.found.shards.append(shard)
 
     def add_sample(self, sample: Sample) -> None:
         seen = self._by_key.get(sample.key)

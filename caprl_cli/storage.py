@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from caprl_cli.errors import UsageError
 
@@ -160,9 +160,11 @@ def _redact_one(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return url.split("?", 1)[0].rsplit("@", 1)[-1]
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url  # nothing secret; rebuilding would turn memory:///x into memory:/x
     netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "REDACTED" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    query = "?REDACTED" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
 def upload(local: Path, url: str, options: StorageOptions | None = None) -> None:

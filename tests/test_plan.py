@@ -435,12 +435,6 @@ def test_order_listed_then_shards_then_manifests(state: RunState, tmp_path: Path
 # --- the same stream named twice ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="a shard named twice (folder given twice, folder plus a shard in it, a.tar::a.tar) is kept twice "
-    "by sources.InputResolver and read twice by Plan._streamed: its samples are handed out twice and the "
-    "shard never completes",
-    strict=True,
-)
 def test_shard_named_twice_is_read_once(state: RunState, tmp_path: Path) -> None:
     """Naming one shard twice captions its samples once, as naming one image twice does."""
     folder = tmp_path / "data"
@@ -451,11 +445,6 @@ def test_shard_named_twice_is_read_once(state: RunState, tmp_path: Path) -> None
     assert not plan.work_remains
 
 
-@pytest.mark.xfail(
-    reason="a manifest named twice is kept twice by sources.InputResolver and streamed twice by "
-    "Plan._streamed (its duplicate filter is per pass): its images are handed out twice",
-    strict=True,
-)
 def test_manifest_named_twice_is_read_once(state: RunState, tmp_path: Path) -> None:
     """Naming one manifest twice captions its images once."""
     manifest = _manifest(tmp_path / "m.jsonl", ["a.jpg", "b.jpg"])

@@ -111,11 +111,6 @@ def test_source_exception_before_any_item() -> None:
         list(reader)
 
 
-@pytest.mark.xfail(
-    reason="Prefetcher.__next__ blocks forever once the source's exception was delivered: no end marker "
-    "is queued after _Raised, unlike after exhaustion",
-    strict=True,
-)
 def test_next_after_source_exception_does_not_hang() -> None:
     """Like a generator, a Prefetcher whose source failed is finished: next() ends, it does not block."""
     reader = Prefetcher(_fails_after([1], RuntimeError("x")), size=4)
@@ -160,11 +155,6 @@ def test_close_keeps_what_was_read_ahead() -> None:
     assert [next(reader), next(reader), next(reader)] == [0, 1, 2]
 
 
-@pytest.mark.xfail(
-    reason="Prefetcher.__next__ blocks forever after close() once the queued items are taken: "
-    "the stopped reader never queues an end marker",
-    strict=True,
-)
 def test_next_after_close_does_not_hang() -> None:
     """After close() and the queued items, next() ends instead of waiting for a reader that is gone."""
     source = Counting()

@@ -173,10 +173,12 @@ def test_missing_list_is_a_usage_error(tmp_path: Path) -> None:
 # --- manifests -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["m.jsonl", "M.JSONL", "m.jsonl.gz", "m.parquet", "s3://bucket/m.parquet?x=1"])
+@pytest.mark.parametrize("name", ["m.jsonl", "M.JSONL", "m.jsonl.gz", "m.parquet", "memory://bucket/m.parquet?x=1"])
 def test_manifests_recognised_by_suffix(tmp_path: Path, name: str) -> None:
     """Manifests are recognised by name alone and kept, in order, to be streamed later."""
     location = name if "://" in name else str(tmp_path / name)
+    if "://" not in name:
+        (tmp_path / name).write_text("")
     found = resolve_inputs([location])
     assert found.manifests == [location]
     assert found.listed == [] and found.shards == []
@@ -242,11 +244,6 @@ def test_remote_folder_on_memory_fs(memory_fs: object) -> None:
     assert read_bytes(shard.url) == b"tar"
 
 
-@pytest.mark.xfail(
-    reason="storage.redact drops the empty authority of memory:///... URLs (memory:/bucket/...), "
-    "so remote sources are no longer the URLs that open them",
-    strict=True,
-)
 def test_remote_folder_sources_are_the_urls(memory_fs: object) -> None:
     """A credential-free remote URL is recorded as it is: source equals the URL that opens it."""
     memory_fs.pipe("/bucket/data/a.jpg", b"a")  # type: ignore[attr-defined]
@@ -294,3 +291,9 @@ def test_non_image_file_is_a_usage_error(tmp_path: Path) -> None:
 def test_missing_input_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         resolve_inputs([str(tmp_path / "missing.jpg")])
+
+
+def test_missing_local_manifest_is_a_usage_error(tmp_path: Path) -> None:
+    """A manifest that is not there is refused before any work, like a missing folder."""
+    with pytest.raises(UsageError):
+        resolve_inputs([str(tmp_path / "nope.jsonl")])
