@@ -98,8 +98,7 @@ def memory_fs() -> Iterator[object]:
 
     fs = fsspec.filesystem("memory")
     yield fs
-    for path in list(fs.store):
-        fs.store.pop(path, None)
+    fs.store.clear()
     fs.pseudo_dirs[:] = [""]
 
 

@@ -11,17 +11,6 @@ import pytest
 from caprl_cli.errors import UsageError
 from caprl_cli.locations import RemoteEntry, expand_shard_spec, read_file_list, walk_remote_folder
 
-
-@pytest.fixture
-def memfs():
-    """The process-global memory filesystem, emptied after each test."""
-    fs = fsspec.filesystem("memory")
-    yield fs
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
-
-
 # --- shard specs -------------------------------------------------------------------------------
 
 
@@ -105,14 +94,14 @@ def test_file_list_from_stdin() -> None:
     assert read_file_list("-", stdin=stdin) == ["a.jpg", "b.tar"]
 
 
-def test_file_list_from_a_url(memfs, tmp_path: Path) -> None:
-    memfs.pipe("/lists/l.txt", b"\xef\xbb\xbfa.jpg\nmemory://imgs/b.jpg\n")  # a BOM is not part of a path
+def test_file_list_from_a_url(memory_fs, tmp_path: Path) -> None:
+    memory_fs.pipe("/lists/l.txt", b"\xef\xbb\xbfa.jpg\nmemory://imgs/b.jpg\n")  # a BOM is not part of a path
     assert read_file_list("memory://lists/l.txt") == ["a.jpg", "memory://imgs/b.jpg"]
     (tmp_path / "l.txt").write_text("x.jpg\n")
     assert read_file_list(f"file://{tmp_path}/l.txt") == ["x.jpg"]
 
 
-def test_missing_file_list_is_a_usage_error_naming_it_redacted(tmp_path: Path, memfs) -> None:
+def test_missing_file_list_is_a_usage_error_naming_it_redacted(tmp_path: Path, memory_fs) -> None:
     with pytest.raises(UsageError, match="nope.txt"):
         read_file_list(str(tmp_path / "nope.txt"))
     with pytest.raises(UsageError) as caught:
@@ -123,9 +112,9 @@ def test_missing_file_list_is_a_usage_error_naming_it_redacted(tmp_path: Path, m
 # --- remote folders ----------------------------------------------------------------------------
 
 
-def test_memory_folder_walk_finds_images_and_shards_sorted(memfs) -> None:
+def test_memory_folder_walk_finds_images_and_shards_sorted(memory_fs) -> None:
     for path in ["/data/z.jpg", "/data/a/b.PNG", "/data/s-1.tar", "/data/s-0.tgz", "/data/notes.txt", "/data/m.jsonl"]:
-        memfs.pipe(path, b"x")
+        memory_fs.pipe(path, b"x")
     images, shards = walk_remote_folder("memory://data/")
     assert images == [RemoteEntry("a/b.PNG", "memory:///data/a/b.PNG"), RemoteEntry("z.jpg", "memory:///data/z.jpg")]
     assert [entry.key for entry in shards] == ["s-0.tgz", "s-1.tar"]
@@ -133,16 +122,16 @@ def test_memory_folder_walk_finds_images_and_shards_sorted(memfs) -> None:
     assert walk_remote_folder("memory://data") == (images, shards)
 
 
-def test_walked_urls_open_the_same_bytes(memfs) -> None:
-    memfs.pipe("/d/sub/x.jpg", b"pixels")
+def test_walked_urls_open_the_same_bytes(memory_fs) -> None:
+    memory_fs.pipe("/d/sub/x.jpg", b"pixels")
     (entry,), _ = walk_remote_folder("memory://d")
     with fsspec.open(entry.url, "rb") as handle:
         assert handle.read() == b"pixels"
 
 
-def test_hidden_paths_are_skipped(memfs) -> None:
+def test_hidden_paths_are_skipped(memory_fs) -> None:
     for path in ["/d/.hidden.jpg", "/d/._x.jpg", "/d/.cache/y.jpg", "/d/sub/.git/s.tar", "/d/ok/k.jpg"]:
-        memfs.pipe(path, b"x")
+        memory_fs.pipe(path, b"x")
     images, shards = walk_remote_folder("memory://d/")
     assert [entry.key for entry in images] == ["ok/k.jpg"] and shards == []
 
@@ -160,13 +149,13 @@ def test_file_url_folder_walk(tmp_path: Path) -> None:
     assert shards == [RemoteEntry("deep/s.tar.gz", f"file://{root}/deep/s.tar.gz")]
 
 
-def test_existing_empty_folder_gives_empty_lists(tmp_path: Path, memfs) -> None:
+def test_existing_empty_folder_gives_empty_lists(tmp_path: Path, memory_fs) -> None:
     assert walk_remote_folder(f"file://{tmp_path}") == ([], [])
-    memfs.mkdir("/empty")
+    memory_fs.mkdir("/empty")
     assert walk_remote_folder("memory://empty/") == ([], [])
 
 
-def test_missing_folder_is_a_usage_error(tmp_path: Path, memfs) -> None:
+def test_missing_folder_is_a_usage_error(tmp_path: Path, memory_fs) -> None:
     with pytest.raises(UsageError, match="cannot list"):
         walk_remote_folder("memory://nowhere/")
     with pytest.raises(UsageError, match="cannot list"):

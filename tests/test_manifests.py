@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,16 +28,6 @@ def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
     path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
     return path
-
-
-@pytest.fixture
-def memfs():
-    """The process-global memory filesystem, emptied after each test."""
-    fs = fsspec.filesystem("memory")
-    yield fs
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
 
 
 @pytest.fixture
@@ -169,7 +158,7 @@ def test_keep_meta_false(tmp_path: Path) -> None:
     assert all(s.meta is None for s in manifest_samples(str(manifest), keep_meta=False))
 
 
-def test_missing_manifest_is_a_usage_error(tmp_path: Path, memfs) -> None:
+def test_missing_manifest_is_a_usage_error(tmp_path: Path, memory_fs) -> None:
     with pytest.raises(UsageError, match="none.jsonl"):
         list(manifest_samples(str(tmp_path / "none.jsonl")))
     with pytest.raises(UsageError) as caught:
@@ -184,8 +173,8 @@ def test_corrupt_gzip_is_a_usage_error(tmp_path: Path) -> None:
         list(manifest_samples(str(manifest)))
 
 
-def test_jsonl_on_memory_resolves_against_its_url_folder(memfs) -> None:
-    memfs.pipe("/corpus/meta/m.jsonl", "".join(json.dumps(r) + "\n" for r in CAPRL_RECORDS).encode())
+def test_jsonl_on_memory_resolves_against_its_url_folder(memory_fs) -> None:
+    memory_fs.pipe("/corpus/meta/m.jsonl", "".join(json.dumps(r) + "\n" for r in CAPRL_RECORDS).encode())
     samples = list(manifest_samples("memory://corpus/meta/m.jsonl"))
     assert samples[0].path == "memory://corpus/meta/sam/images/sa_1.jpg"
     assert samples[0].key == "sam/images/sa_1.jpg"
@@ -263,11 +252,11 @@ def test_parquet_image_struct_with_only_a_path(tmp_path: Path) -> None:
     assert samples[1].key == "m.parquet#2" and samples[1].error_kind is ErrorKind.MANIFEST
 
 
-def test_parquet_on_memory_and_over_http(memfs, http_dir: tuple[Path, str]) -> None:
+def test_parquet_on_memory_and_over_http(memory_fs, http_dir: tuple[Path, str]) -> None:
     served, base = http_dir
     table = pa.table({"url": ["a.jpg", "b.jpg"], "n": [1, 2]})
     pq.write_table(table, served / "m.parquet")
-    memfs.pipe("/p/m.parquet", (served / "m.parquet").read_bytes())
+    memory_fs.pipe("/p/m.parquet", (served / "m.parquet").read_bytes())
     assert [s.path for s in manifest_samples("memory://p/m.parquet")] == ["memory://p/a.jpg", "memory://p/b.jpg"]
     assert [s.path for s in manifest_samples(f"{base}/m.parquet")] == [f"{base}/a.jpg", f"{base}/b.jpg"]
 
