@@ -40,6 +40,11 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def image_ext(name: str) -> str:
+    """The extension of an image's name as WebDataset members carry it: `Cat.JPG` -> `jpg`."""
+    return os.path.splitext(name)[1][1:].lower()
+
+
 def is_hidden(name: str) -> bool:
     """Dot files, including macOS `._*` resource forks and `.DS_Store`, are never inputs."""
     return name.startswith(".")

@@ -14,6 +14,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,19 @@ import pyarrow.parquet as pq
 
 from caprl_cli.errors import UsageError
 from caprl_cli.merge import compacted_part_path, merge_output
-from caprl_cli.rows import EXPORTED_SHARD, SCHEMA, STATUS_OK
+from caprl_cli.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
 from caprl_cli.run_state import CommittedIndex, RunState, state_dir_for
 from caprl_cli.sidecar_output import SidecarResult, write_sidecar
 from caprl_cli.storage import StorageOptions, exists, filesystem, local_path_of, redact, require_backend, upload
 from caprl_cli.wds_output import (
+    DEFAULT_SHARD_PATTERN,
     ShardSetWriter,
     existing_shard_numbers,
     member_key,
     remove_shards,
     rewrite_without,
     shard_name,
+    shard_number,
     split_output_pattern,
 )
 from caprl_cli.writers import ParquetRowWriter, write_json_atomically
@@ -85,6 +88,10 @@ class OutputTarget(ABC):
     def local_file(self) -> Path | None:
         """The local output file the state folder guards (temporaries beside it are cleaned up)."""
         return None
+
+    def is_own_file(self, path: Path) -> bool:
+        """Whether `path` is a file this target publishes: never an input, even inside an input folder."""
+        return False
 
     @abstractmethod
     def default_state_dir(self) -> Path: ...
@@ -175,12 +182,28 @@ class ShardTarget(OutputTarget):
     def keeps_images(self) -> bool:
         return self.options.with_images
 
+    @property
+    def tag(self) -> str:
+        """Names this pattern's state and summary, so two patterns can share a folder: empty for the
+        default pattern, else the pattern without `%` and `.tar` (`train-%05d.tar` -> `train-05d`)."""
+        return "" if self.pattern == DEFAULT_SHARD_PATTERN else self.pattern[: -len(".tar")].replace("%", "")
+
     def default_state_dir(self) -> Path:
         path = local_path_of(self.directory)
-        return path / ".caprl" if path is not None else cache_state_dir(self.location)
+        name = f".caprl-{self.tag}" if self.tag else ".caprl"
+        return path / name if path is not None else cache_state_dir(self.location)
+
+    def is_own_file(self, path: Path) -> bool:
+        local = local_path_of(self.directory)
+        return (
+            local is not None
+            and path.parent.resolve() == local.resolve()
+            and shard_number(self.pattern, path.name) is not None
+        )
 
     def summary_location(self) -> str:
-        return self.directory.rstrip("/") + "/summary.json"
+        name = f"{self.tag}.summary.json" if self.tag else "summary.json"
+        return self.directory.rstrip("/") + "/" + name
 
     def exists(self) -> bool:
         return bool(self.numbers())
@@ -205,12 +228,16 @@ class ShardTarget(OutputTarget):
         stale_keys: dict[int, set[str]] = {}
         written = 0
         try:
-            for table in latest_tables(index):
-                fresh = pc.is_null(table[EXPORTED_SHARD]) if EXPORTED_SHARD in table.column_names else None
-                numbers = table[EXPORTED_SHARD].to_pylist() if fresh is not None else [None] * table.num_rows
-                has_images = "image" in table.column_names
-                for i, row in enumerate(table.select(list(SCHEMA.names)).to_pylist()):
-                    if numbers[i] is None:
+            # Captioned samples first, error samples after them: readers that infer a layout from the
+            # first samples (datasets' webdataset builder) then see image, .txt and .json.
+            for captioned in (True, False):
+                for table in latest_tables(index, captioned):
+                    has_exported = EXPORTED_SHARD in table.column_names
+                    numbers = table[EXPORTED_SHARD].to_pylist() if has_exported else [None] * table.num_rows
+                    has_images = "image" in table.column_names
+                    for i, row in enumerate(table.select(list(SCHEMA.names)).to_pylist()):
+                        if numbers[i] is not None:
+                            continue
                         old = exported.get(row["key"])
                         if old is not None:
                             stale_keys.setdefault(old, set()).add(member_key(row["key"]))
@@ -219,9 +246,9 @@ class ShardTarget(OutputTarget):
                         writer.add(row, image, ext)
                         numbers[i] = next_number + written // self.options.shard_size
                         written += 1
-                compacted.write_table(
-                    table.select(list(SCHEMA.names)).append_column(EXPORTED_SHARD, pa.array(numbers, pa.int32()))
-                )
+                    compacted.write_table(
+                        table.select(list(SCHEMA.names)).append_column(EXPORTED_SHARD, pa.array(numbers, pa.int32()))
+                    )
             writer.close()
             for number, keys in sorted(stale_keys.items()):
                 rewrite_without(self.directory, shard_name(self.pattern, number), keys, self.storage_options)
@@ -240,16 +267,21 @@ class ShardTarget(OutputTarget):
 
 
 COMPACTED_SCHEMA = SCHEMA.append(pa.field(EXPORTED_SHARD, pa.int32()))
+IMAGE_COLUMN_NAMES = {field.name for field in IMAGE_COLUMNS}
 
 
-def latest_tables(index: CommittedIndex) -> Any:
-    """Per part, the latest rows of their keys, with every column the part has."""
+def latest_tables(index: CommittedIndex, captioned: bool) -> Iterator[pa.Table]:
+    """Per part, the latest rows of their keys that are captioned (or errors), with every column the
+    part has (image bytes only for captioned rows: error rows never carry an image)."""
     for part, rows in zip(index.parts, index.rows_by_part(), strict=True):
         if len(rows) == 0:
             continue
         with pq.ParquetFile(part) as parquet:
-            table = parquet.read()
-        yield table if len(rows) == table.num_rows else table.take(rows)
+            names = parquet.schema_arrow.names
+            table = parquet.read(columns=None if captioned else [n for n in names if n not in IMAGE_COLUMN_NAMES])
+        table = table if len(rows) == table.num_rows else table.take(rows)
+        ok = pc.equal(table["status"], STATUS_OK)
+        yield table.filter(ok if captioned else pc.invert(ok))
 
 
 def exported_shards(index: CommittedIndex) -> dict[str, int]:

@@ -130,6 +130,10 @@ def _init_worker(
     _worker_storage_options = storage_options
 
 
+def _worker_ready() -> bool:
+    return _worker_grid is not None
+
+
 def _prepare_in_worker(sample: Sample) -> Outcome:
     assert _worker_grid is not None, "worker not initialised"
     return prepare_sample(sample, _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options)
@@ -219,9 +223,16 @@ class Preprocessor:
             return Failed(sample, ErrorKind.DECODE, "the image decoder crashed on this file")
 
     def _replace_pool(self) -> None:
+        """A fresh pool after a crash. If even a fresh pool cannot run a no-op, the workers cannot
+        start at all (a broken environment): that fails the run instead of making every image a
+        decode error row that only --retry-errors would undo."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = self._new_pool()
+        try:
+            self._pool.submit(_worker_ready).result()
+        except (BrokenProcessPool, CancelledError) as exc:
+            raise RuntimeError(f"image decoding workers cannot start: {exc}") from None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -339,9 +339,10 @@ def output_target(settings: CaptionSettings) -> OutputTarget:
     )
 
 
-def input_options(settings: CaptionSettings) -> InputOptions:
+def input_options(settings: CaptionSettings, target: OutputTarget) -> InputOptions:
     """How the settings say inputs are read."""
     return InputOptions(
+        is_output=target.is_own_file,
         storage_options=settings.storage_options,
         files_from=settings.files_from,
         image_column=settings.image_column,
@@ -373,7 +374,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             target.clear()
         state.remove_stale_temporaries()
         check_fingerprint(state, settings, target)
-        options = input_options(settings)
+        options = input_options(settings, target)
         inputs = resolve_inputs(list(settings.inputs), options)
         check_sidecar_inputs(settings, inputs)
         if not inputs.listed and not inputs.streams:
@@ -391,7 +392,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
         reader = Prefetcher(plan.samples())
         try:
             first, samples = peek(reader)
-            if plan.already_done:
+            if plan.already_done and not plan.shards and not plan.manifests:
                 log.info("%d images are already in %s", plan.already_done, target.label)
             if first is not None:
                 schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else SCHEMA

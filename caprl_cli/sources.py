@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import Sample, is_image_name, walk_images
+from caprl_cli.inputs import Sample, image_ext, is_image_name, walk_images
 from caprl_cli.locations import expand_shard_spec, read_file_list, walk_remote_folder
 from caprl_cli.manifests import is_manifest_name
 from caprl_cli.shards import is_shard_name
@@ -41,6 +42,7 @@ class InputOptions:
     image_column: str | None = None
     image_root: str | None = None
     keep_meta: bool = True
+    is_output: Callable[[Path], bool] = lambda path: False  # an output's own shards are never inputs
 
 
 @dataclass
@@ -111,13 +113,13 @@ class InputResolver:
     def add_url(self, url: str, listed_in: str | None) -> None:
         if is_image_name(url.split("?", 1)[0]):
             source = redact(url)
-            self.add_sample(Sample(key=source, source=source, path=url))
+            self.add_sample(Sample(key=source, source=source, path=url, ext=image_ext(url.split("?", 1)[0])))
             return
         images, shards = walk_remote_folder(url, self.options.storage_options)
         if not images and not shards:
             log.warning("no images or shards found in %s", redact(url))
         for entry in images:
-            self.add_sample(Sample(key=entry.key, source=redact(entry.url), path=entry.url))
+            self.add_sample(Sample(key=entry.key, source=redact(entry.url), path=entry.url, ext=image_ext(entry.key)))
         for entry in shards:
             self.add_shard(shard_ref(entry.url))
 
@@ -128,15 +130,18 @@ class InputResolver:
             base = path.resolve()
             for found in walk_images(path, wanted=lambda name: is_image_name(name) or is_shard_name(name)):
                 relative = found.relative_to(path).as_posix()
+                if self.options.is_output(found):
+                    continue
                 if is_shard_name(found.name):
                     self.add_shard(shard_ref(str(found)))
                 else:
                     source = str(base / relative)
-                    self.add_sample(Sample(key=relative, source=source, path=source))
+                    self.add_sample(Sample(key=relative, source=source, path=source, ext=image_ext(found.name)))
         elif path.is_file() and is_image_name(path.name):
             source = str(path.resolve())
             # An image named on the command line is keyed by its name; one in a list by the line itself.
-            self.add_sample(Sample(key=raw if listed_in else path.name, source=source, path=str(path)))
+            key = raw if listed_in else path.name
+            self.add_sample(Sample(key=key, source=source, path=str(path), ext=image_ext(path.name)))
         elif path.exists():
             raise UsageError(f"{raw}{where} is not a folder, image, shard or manifest")
         else:

@@ -250,16 +250,19 @@ class ShardSetWriter:
         self._number += 1
 
 
+def shard_number(pattern: str, name: str) -> int | None:
+    """The number of the shard `name` if `pattern` gives exactly that name, else None."""
+    prefix, suffix = _PATTERN.match(validate_pattern(pattern)).groups()  # type: ignore[union-attr]
+    match = re.fullmatch(re.escape(prefix) + r"(\d+)" + re.escape(suffix), name)
+    if match and shard_name(pattern, int(match.group(1))) == name:
+        return int(match.group(1))
+    return None
+
+
 def existing_shard_numbers(directory: str, pattern: str, storage_options: dict | None = None) -> list[int]:
     """Sorted numbers of the finished shards in `directory` whose names `pattern` gives exactly."""
-    prefix, suffix = _PATTERN.match(validate_pattern(pattern)).groups()  # type: ignore[union-attr]
-    exact = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
-    numbers = []
-    for name in _Place.of(directory, storage_options).names():
-        match = exact.fullmatch(name)
-        if match and shard_name(pattern, int(match.group(1))) == name:
-            numbers.append(int(match.group(1)))
-    return sorted(numbers)
+    names = _Place.of(directory, storage_options).names()
+    return sorted(number for number in (shard_number(pattern, name) for name in names) if number is not None)
 
 
 def remove_shards(directory: str, pattern: str, numbers: Iterable[int], storage_options: dict | None = None) -> None:

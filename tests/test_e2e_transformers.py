@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from contract import assert_rows_match_corpus, read_rows
 
 from caprl_cli.grid import Grid
-from contract import assert_rows_match_corpus, read_rows
 
 MAX_TOKENS = 16
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", str(MAX_TOKENS), "--no-progress")

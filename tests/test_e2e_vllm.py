@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from contract import assert_rows_match_corpus, read_rows
 
 from caprl_cli.grid import Grid
-from contract import assert_rows_match_corpus, read_rows
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 24

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import BOMB_SIZE, EXIF_ROTATED_KEY, EXIF_ROTATED_SIZE
 from PIL import ExifTags, Image
 
 from caprl_cli.errors import ErrorKind, SampleError
 from caprl_cli.grid import Grid
 from caprl_cli.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, to_rgb
-from corpus import BOMB_SIZE, EXIF_ROTATED_KEY, EXIF_ROTATED_SIZE
 
 GRID = Grid(28)
 

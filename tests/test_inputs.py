@@ -6,11 +6,11 @@ import os
 from pathlib import Path, PurePosixPath
 
 import pytest
+from corpus import SKIPPED_KEYS
 
 from caprl_cli.errors import UsageError
 from caprl_cli.inputs import is_image_name
 from caprl_cli.sources import list_samples
-from corpus import SKIPPED_KEYS
 
 
 def _touch(root: Path, *keys: str) -> None:

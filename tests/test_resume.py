@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import ROOT
 from contract import read_rows
+from PIL import Image
 
 FAST = ("--engine", "transformers", "--max-tokens", "8", "--batch-size", "2", "--no-progress")
 # Long random captions one at a time: a run that lasts long enough to be interrupted on any machine.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caprl_cli.stopping import EXIT_CODE_OF, StopReason, Stopper, deadline_margin
+from caprl_cli.stopping import EXIT_CODE_OF, Stopper, StopReason, deadline_margin
 
 ROOT = Path(__file__).resolve().parents[1]
 
