@@ -214,7 +214,15 @@ class ShardTarget(OutputTarget):
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
         exported = exported_shards(index)
         next_number = max(exported.values(), default=-1) + 1
-        leftovers = [number for number in self.numbers() if number >= next_number]
+        present = self.numbers()
+        missing = set(exported.values()) - set(present)
+        if missing:  # deleted by hand: their images are no longer in the state to write them again
+            log.warning(
+                "%d shards that hold published rows are missing from %s; pass --overwrite to start over",
+                len(missing),
+                self.label,
+            )
+        leftovers = [number for number in present if number >= next_number]
         remove_shards(self.directory, self.pattern, leftovers, self.storage_options)
         writer = ShardSetWriter(
             self.directory,
