@@ -84,6 +84,7 @@ class Plan:
     tallies: dict[str, StreamTally] = field(default_factory=dict)
     _in_flight: dict[str, str] = field(default_factory=dict)  # key -> origin, while a sample has no row
     _committed: dict[str, bool] | None = None  # key -> captioned ok, built only if a stream needs it
+    _taken: dict[str, str] = field(default_factory=dict)  # key -> source, for every streamed key this run
     _lock: threading.Lock = field(default_factory=threading.Lock)  # samples() may run on a reader thread
 
     def __post_init__(self) -> None:
@@ -120,7 +121,6 @@ class Plan:
             if shard.source in self.tallies:
                 yield from self._pending_of(shard.source, self._read_shard(shard))
         for manifest in self.manifests:
-            seen: set[str] = set()  # a manifest may name one image twice: caption it once
             samples = manifest_samples(
                 manifest,
                 image_column=self.options.image_column,
@@ -128,8 +128,7 @@ class Plan:
                 keep_meta=self.options.keep_meta,
                 options=self.options.storage_options,
             )
-            unique = (sample for sample in samples if not (sample.key in seen or seen.add(sample.key)))
-            yield from self._pending_of(redact(manifest), unique)
+            yield from self._pending_of(redact(manifest), samples)
 
     def _read_shard(self, shard: ShardRef) -> Iterator[Sample]:
         try:
@@ -147,9 +146,25 @@ class Plan:
             yield from read_shard(shard.source, stream, keep_meta=self.options.keep_meta)
 
     def _pending_of(self, origin: str, samples: Iterator[Sample]) -> Iterator[tuple[str, Sample]]:
+        """The samples of one stream not committed yet. A key this run already took from a stream is
+        not captioned twice: from the same source (a manifest naming an image twice) it is skipped;
+        from another (two shards with one key) the later sample is an error row of its own, so the
+        first one's row stays."""
         tally = self.tallies[origin]
         committed = self._committed_keys()
         for sample in samples:
+            taken = self._taken.get(sample.key)
+            if taken is not None:
+                if taken == sample.source:
+                    continue
+                sample = Sample(
+                    key=f"{sample.key}@{sample.source}",
+                    source=sample.source,
+                    error_kind=ErrorKind.SHARD,
+                    error_message=f"key {sample.key!r} was already taken from {taken} in this run; "
+                    "keys must be unique across inputs",
+                )
+            self._taken[sample.key] = sample.source
             ok = committed.get(sample.key)
             skip = ok is not None and (ok or not self.retry_errors)
             with self._lock:

@@ -451,3 +451,18 @@ def test_manifest_named_twice_is_read_once(state: RunState, tmp_path: Path) -> N
     plan = plan_run(resolve_inputs([manifest, manifest]), state.committed())
     assert _keys(_drain(plan)) == ["a.jpg", "b.jpg"]
     assert not plan.work_remains
+
+
+def test_a_key_in_two_shards_is_captioned_once(state: RunState, tmp_path: Path) -> None:
+    """The same key in another shard becomes an error row of its own instead of replacing the first
+    row; both shards still complete."""
+    first = _shard(tmp_path / "a.tar", ["k0", "k1"])
+    second = _shard(tmp_path / "b.tar", ["k1", "k2"])
+    plan = plan_run(InputSet(shards=[first, second]), state.committed())
+    handed = list(plan.samples())
+    assert [sample.key for sample in handed] == ["k0", "k1", f"k1@{second.source}", "k2"]
+    clash = handed[2]
+    assert clash.error_kind == ErrorKind.SHARD and clash.source == second.source
+    for sample in handed:
+        plan.row_done(_err(sample.key) if sample.error_kind else _ok(sample.key))
+    assert set(plan.completed_shards()) == {first.source, second.source}
