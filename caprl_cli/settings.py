@@ -80,20 +80,21 @@ def default_workers() -> int:
 
 
 def output_format_for(output: str | Path | None, requested: str | None) -> str:
-    """`--format` if given, else the output's extension (`out-%06d.tar` is a WebDataset pattern)."""
+    """`--format` if given, else the output's name: `.parquet`, `.jsonl`, and for WebDataset shards a
+    pattern (`out-%06d.tar`) or a folder (an existing one, or a name ending in `/`)."""
     if requested:
         return requested.lower()
     if output is None:
         raise UsageError("missing option -o/--output (only --format sidecar writes without one)")
     name = str(output).rstrip("/").rsplit("/", 1)[-1]
     suffix = os.path.splitext(name)[1].lower()
-    if suffix == ".tar" and "%" in name:
-        return "webdataset"
     found = _FORMAT_BY_SUFFIX.get(suffix)
+    if found is None and ((suffix == ".tar" and "%" in name) or str(output).endswith("/") or Path(output).is_dir()):
+        found = "webdataset"
     if found is None:
         raise UsageError(
             f"cannot tell the output format from {name!r}: use a .parquet or .jsonl name, "
-            f"a shard pattern like out-%06d.tar, or --format {'|'.join(OUTPUT_FORMATS)}"
+            f"a folder (ending in /) or pattern (out-%06d.tar) of shards, or --format {'|'.join(OUTPUT_FORMATS)}"
         )
     return found
 

@@ -180,3 +180,14 @@ def test_missing_output_folders_are_created_and_no_probe_left(settings: CaptionS
     assert output.parent.is_dir()
     assert list(output.parent.iterdir()) == []
     assert not output.exists()
+
+
+@pytest.mark.parametrize("output", ["shards/", "s3://bucket/caps/", "caps/out-%06d.tar"])
+def test_folders_and_patterns_mean_webdataset(output: str) -> None:
+    """A folder (ending in /) or a shard pattern is a WebDataset output without --format."""
+    assert output_format_for(output, None) == "webdataset"
+
+
+def test_existing_folder_means_webdataset(tmp_path: Path) -> None:
+    assert output_format_for(tmp_path, None) == "webdataset"
+    assert output_format_for(tmp_path / "x.parquet", None) == "parquet"
