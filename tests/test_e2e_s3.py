@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import write_shard
+from PIL import Image
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
