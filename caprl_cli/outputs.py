@@ -35,6 +35,7 @@ from caprl_cli.wds_output import (
     existing_shard_numbers,
     member_key,
     remove_shards,
+    remove_stale_temporaries,
     rewrite_without,
     shard_name,
     shard_number,
@@ -92,6 +93,9 @@ class OutputTarget(ABC):
     def is_own_file(self, path: Path) -> bool:
         """Whether `path` is a file this target publishes: never an input, even inside an input folder."""
         return False
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete what a killed publish left under temporary names (the state folder cleans its own)."""
 
     @abstractmethod
     def default_state_dir(self) -> Path: ...
@@ -192,6 +196,9 @@ class ShardTarget(OutputTarget):
         path = local_path_of(self.directory)
         name = f".caprl-{self.tag}" if self.tag else ".caprl"
         return path / name if path is not None else cache_state_dir(self.location)
+
+    def remove_stale_temporaries(self) -> None:
+        remove_stale_temporaries(self.directory, self.pattern, self.storage_options)
 
     def is_own_file(self, path: Path) -> bool:
         local = local_path_of(self.directory)

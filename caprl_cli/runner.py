@@ -373,6 +373,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             state.clear()
             target.clear()
         state.remove_stale_temporaries()
+        target.remove_stale_temporaries()
         check_fingerprint(state, settings, target)
         options = input_options(settings, target)
         inputs = resolve_inputs(list(settings.inputs), options)

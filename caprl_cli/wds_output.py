@@ -265,6 +265,19 @@ def existing_shard_numbers(directory: str, pattern: str, storage_options: dict |
     return sorted(number for number in (shard_number(pattern, name) for name in names) if number is not None)
 
 
+def remove_stale_temporaries(directory: str, pattern: str, storage_options: dict | None = None) -> int:
+    """Delete the hidden `.<shard>.<pid>.tmp` files a killed run left (only called under the run's lock)."""
+    temporary = re.compile(r"\.(.+)\.\d+\.tmp")
+    place = _Place.of(directory, storage_options)
+    stale = [
+        name for name in place.names()
+        if (found := temporary.fullmatch(name)) and shard_number(pattern, found.group(1)) is not None
+    ]
+    for name in stale:
+        place.remove(name)
+    return len(stale)
+
+
 def remove_shards(directory: str, pattern: str, numbers: Iterable[int], storage_options: dict | None = None) -> None:
     """Delete the given shards; missing ones are fine."""
     validate_pattern(pattern)

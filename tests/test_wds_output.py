@@ -271,3 +271,14 @@ def test_patterns() -> None:
             existing_shard_numbers(".", bad)
         with pytest.raises(UsageError):
             ShardSetWriter(".", bad, first_number=0, shard_size=1, with_images=False)
+
+
+def test_remove_stale_temporaries_only_touches_this_patterns_temporaries(tmp_path: Path) -> None:
+    """A killed publish leaves `.<shard>.<pid>.tmp`; only those of this pattern go, shards stay."""
+    from caprl_cli.wds_output import remove_stale_temporaries
+
+    names = [".000003.tar.4242.tmp", ".train-00001.tar.7.tmp", "000001.tar", ".other.tmp", ".000003.tar.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temporaries(str(tmp_path), "%06d.tar") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(set(names) - {".000003.tar.4242.tmp"})
