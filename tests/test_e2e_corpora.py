@@ -144,20 +144,25 @@ def test_finished_shards_are_not_read_again(folder_run, run_caprl, shards, tiny_
 
 
 def test_http_shards_with_braces_and_lists(run_caprl, shards, serve_folder, tiny_model: Path, tmp_path: Path) -> None:
-    """Shards streamed over HTTP, named by brace expansion and a `::` list, with no local copy."""
+    """Shards streamed over HTTP, named by brace expansion and a `::` list, with no local copy; a
+    file:// shard beside them; --no-keep-meta leaves side members out."""
     root, _ = shards
     base = serve_folder(root)
     spec = f"{base}/good-{{000..000}}.tar::{base}/nested/good-001.tar.gz::{base}/missing-{{7..8}}.tar"
     output = tmp_path / "http.jsonl"
-    result = run_caprl("caption", spec, "-o", output, "--model", tiny_model, *FAST)
+    result = run_caprl("caption", spec, f"file://{root}/cut-002.tar", "-o", output, "--model", tiny_model, *FAST,
+                       "--no-keep-meta")
     assert result.returncode == 0, result.stderr
     rows = read_rows(output)
     found = kinds_of(rows)
     assert {key: kind for key, kind in found.items() if kind is None} == {
-        "a00000": None, "a00001": None, "a00002": None, "b00000": None, "b00001": None}
-    missing = {key for key, kind in found.items() if kind == "shard"}
-    assert missing == {f"{base}/missing-7.tar@0", f"{base}/missing-8.tar@0"}
+        "a00000": None, "a00001": None, "a00002": None, "b00000": None, "b00001": None, "c00000": None,
+        "c00001": None}
+    broken = {key for key, kind in found.items() if kind == "shard"}
+    assert {key for key in broken if key.startswith(base)} == {f"{base}/missing-7.tar@0", f"{base}/missing-8.tar@0"}
+    assert len(broken) == 3 and any(key.startswith(f"{root}/cut-002.tar@") for key in broken)
     assert {row["source"] for row in rows if row["key"] == "b00000"} == {f"{base}/nested/good-001.tar.gz"}
+    assert all(row["meta"] is None for row in rows)
 
 
 def test_caprl2m_style_manifest(run_caprl, tiny_model: Path, tmp_path: Path) -> None:
