@@ -126,7 +126,7 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
-def _bomb_png_bytes(width: int, height: int) -> bytes:
+def bomb_png_bytes(width: int, height: int) -> bytes:
     """A valid 1-bit greyscale PNG of all-black rows, tiny once compressed."""
     row = bytes(1 + (width + 7) // 8)  # filter byte 0 + packed bits
     compressor = zlib.compressobj(9)
@@ -318,7 +318,7 @@ def _write_broken(root: pathlib.Path) -> Expected:
     _write_bytes(root, "truncated.jpg", full[: len(full) * 40 // 100])
     _write_bytes(root, "not_an_image.png", b"This is plain text, not a PNG.\n" * 4)
     _save(_photo(10000, 20, 31), root, "10000x20.png")
-    _write_bytes(root, "bomb.png", _bomb_png_bytes(*BOMB_SIZE))
+    _write_bytes(root, "bomb.png", bomb_png_bytes(*BOMB_SIZE))
     return {
         "empty.jpg": "decode",
         "truncated.jpg": "decode",

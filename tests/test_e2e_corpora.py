@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, _QuietHandler, write_shard
 from contract import read_rows
+from corpus import bomb_png_bytes
 from PIL import Image
 
 from caprl_cli.runner import run_caption
@@ -75,10 +76,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
         add_member(tar, "twice.jpg", image_bytes(2))
         add_member(tar, "twice.jpg", image_bytes(3))
         add_member(tar, "junk.jpg", b"not a jpeg at all")
+        add_member(tar, "bomb.png", bomb_png_bytes(30000, 30000))  # pixel caps apply inside shards too
         add_member(tar, "d00001.jpg", image_bytes(10))
     expected.update({
         "d00000": None, "../escape": "unsafe", "/abs/path": "unsafe", "linked": "unsafe", "fifo": "unsafe",
-        "noimage": "shard", "twice": "shard", "junk": "decode", "d00001": None,
+        "noimage": "shard", "twice": "shard", "junk": "decode", "bomb": "too_large", "d00001": None,
     })
     return root, expected
 
