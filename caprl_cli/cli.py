@@ -57,7 +57,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards; local or a URL (s3://...).")
+@option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards; local or a URL (s3://...). With --format sidecar: the folder that keeps the state (default: the first input folder).")
 @option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's name.")
 @option("--files-from", default=None, help="Also caption the paths or URLs listed in this file, one a line ('-': stdin).")
 @option("--image-column", default=None, help="Manifest column naming each image; default: the first of image, image_path, path, url, file_name.")
