@@ -96,7 +96,8 @@ class InputResolver:
         require_backend(raw)
         shards = expand_shard_spec(raw)
         if shards is not None:
-            if len(shards) == 1 and not is_url(shards[0]) and not Path(shards[0]).expanduser().is_file():
+            missing = len(shards) == 1 and not is_url(shards[0]) and not Path(shards[0]).expanduser().is_file()
+            if missing and listed_in is None:  # a list entry that is gone is an error row, not a refusal
                 raise UsageError(f"shard {raw} does not exist")
             for shard in shards:
                 self.add_shard(shard_ref(shard))
@@ -142,6 +143,11 @@ class InputResolver:
             # An image named on the command line is keyed by its name; one in a list by the line itself.
             key = raw if listed_in else path.name
             self.add_sample(Sample(key=key, source=source, path=str(path), ext=image_ext(path.name)))
+        elif listed_in is not None:
+            # A list of a million paths names a few that are gone or are no images: each becomes an
+            # error row (read or decode) when it is read, and the run goes on.
+            source = str(path.absolute())
+            self.add_sample(Sample(key=raw, source=source, path=str(path), ext=image_ext(path.name) or None))
         elif path.exists():
             raise UsageError(f"{raw}{where} is not a folder, image, shard or manifest")
         else:

@@ -192,17 +192,19 @@ def test_caprl2m_style_manifest(run_caprl, tiny_model: Path, tmp_path: Path) -> 
 
 
 def test_file_lists_from_a_file_and_stdin(run_caprl, serve_folder, tiny_model: Path, tmp_path: Path) -> None:
-    """`@LIST` and `--files-from -` take local paths and URLs, keyed by the line as written."""
+    """`@LIST` and `--files-from -` take local paths and URLs, keyed by the line as written; a listed
+    file that is gone is a read error row, not a refusal."""
     (tmp_path / "pics").mkdir()
     for i in range(2):
         (tmp_path / "pics" / f"p{i}.png").write_bytes(image_bytes(i, "PNG"))
     base = serve_folder(tmp_path / "pics")
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# local then remote\n{tmp_path}/pics/p0.png\n\n{base}/p1.png\r\n")
+    listing.write_text(f"# local then remote\n{tmp_path}/pics/p0.png\n\n{base}/p1.png\r\n{tmp_path}/gone.png\n")
     output = tmp_path / "from-list.jsonl"
     result = run_caprl("caption", f"@{listing}", "-o", output, "--model", tiny_model, *FAST)
     assert result.returncode == 0, result.stderr
-    assert sorted(row["key"] for row in read_rows(output)) == sorted([f"{tmp_path}/pics/p0.png", f"{base}/p1.png"])
+    assert kinds_of(read_rows(output)) == {
+        f"{tmp_path}/pics/p0.png": None, f"{base}/p1.png": None, f"{tmp_path}/gone.png": "read"}
     piped = tmp_path / "piped.jsonl"
     command = [sys.executable, "-m", "caprl_cli", "caption", "--files-from", "-", "-o", str(piped),
                "--model", str(tiny_model), *FAST]

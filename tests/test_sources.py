@@ -157,12 +157,16 @@ def test_files_from_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert [ref.source for ref in found.shards] == [str(shard)]
 
 
-def test_at_list_names_a_missing_entry(tmp_path: Path) -> None:
-    """A list entry that does not exist is a usage error."""
+def test_at_list_entries_that_are_gone_are_still_samples(tmp_path: Path) -> None:
+    """A list entry that does not exist (or is no image) is still a sample, keyed by its line: reading
+    it gives an error row later, and the rest of the list is captioned."""
+    (tmp_path / "notes.txt").write_text("not an image")
     listing = tmp_path / "list.txt"
-    listing.write_text(str(tmp_path / "missing.jpg") + "\n")
-    with pytest.raises(UsageError):
-        resolve_inputs([f"@{listing}"])
+    lines = [str(tmp_path / "missing.jpg"), str(tmp_path / "notes.txt"), str(tmp_path / "gone-000.tar")]
+    listing.write_text("\n".join(lines) + "\n")
+    found = resolve_inputs([f"@{listing}"])
+    assert _keys(found) == sorted(lines[:2])
+    assert [ref.source for ref in found.shards] == [lines[2]]
 
 
 def test_missing_list_is_a_usage_error(tmp_path: Path) -> None:
