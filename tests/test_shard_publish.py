@@ -1,0 +1,114 @@
+"""Publishing WebDataset shards from the state, with crashes injected at each step of a publish: every
+key ends up in exactly one shard, with its latest row, whatever step the crash hit. No engine runs
+here; parts are written as a run writes them (rows plus original image bytes)."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from caprl_cli.errors import ErrorKind
+from caprl_cli.outputs import OutputOptions, ShardTarget
+from caprl_cli.parts import new_run_id
+from caprl_cli.rows import PART_SCHEMA_WITH_IMAGES, caption_row, error_row
+from caprl_cli.run_state import RunState
+from caprl_cli.wds_output import split_member_name
+from caprl_cli.writers import rows_to_table
+
+
+def _ok(key: str) -> dict:
+    row = caption_row(key=key, source=f"/data/{key}.jpg", model="tiny", caption=f"caption of {key}",
+                      finish_reason="stop", prompt_tokens=3, output_tokens=4, width=8, height=8)
+    return {**row, "image": f"jpeg bytes of {key}".encode(), "image_ext": "jpg"}
+
+
+def _err(key: str) -> dict:
+    return error_row(key=key, source=f"/data/{key}.jpg", model="tiny", kind=ErrorKind.DECODE, message="bad")
+
+
+class Publisher:
+    """A WebDataset target in `tmp_path/out` and its state; `commit` writes one part like a run does."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.target = ShardTarget(str(tmp_path / "out") + "/", OutputOptions("webdataset", shard_size=2))
+        self.state = RunState(None, state_dir=self.target.state_dir, label="out")
+        self.state.create()
+        self.parts = 0
+
+    def commit(self, rows: list[dict]) -> None:
+        name = f"part-{new_run_id()}-{self.parts:09d}.parquet"  # sorts after every part so far, as in a run
+        pq.write_table(rows_to_table(rows, PART_SCHEMA_WITH_IMAGES), self.state.parts_dir / name)
+        self.parts += 1
+
+    def publish(self) -> None:
+        self.target.remove_stale_temporaries()
+        self.target.publish(self.state, self.state.committed(), {})
+
+    def samples(self) -> dict[str, list[tuple[str, str]]]:
+        """Per key, every (shard, status) it appears with across the published shards."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        for shard in sorted(Path(self.target.directory).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                members = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+            keys = Counter(split_member_name(name)[0] for name in members)
+            for key in keys:
+                status = "ok" if f"{key}.txt" in members else "error"
+                found.setdefault(key, []).append((shard.name, status))
+        return found
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Publisher:
+    return Publisher(tmp_path)
+
+
+def test_runs_add_shards_and_retries_replace_rows(publisher: Publisher) -> None:
+    publisher.commit([_ok("a"), _err("b"), _ok("c")])
+    publisher.publish()
+    assert publisher.samples() == {"a": [("000000.tar", "ok")], "c": [("000000.tar", "ok")],
+                                   "b": [("000001.tar", "error")]}
+    publisher.commit([_ok("b"), _ok("d")])  # b captioned again (--retry-errors), d new
+    publisher.publish()
+    found = publisher.samples()
+    assert {key: [status for _, status in places] for key, places in found.items()} == {
+        "a": ["ok"], "b": ["ok"], "c": ["ok"], "d": ["ok"]}
+    assert found["b"][0][0] == "000002.tar"  # the new row went to a new shard, the old one was dropped
+    parts = publisher.state.part_paths()
+    assert len(parts) == 1 and "image" not in pq.read_schema(parts[0]).names  # images gone once published
+
+
+@pytest.mark.parametrize("crash_at", ["rewrite", "compacted-commit", "record-merge"])
+def test_a_crash_at_any_step_of_a_publish_is_repaired_by_the_next(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """Crash after the new shards exist (before the stale row is dropped), after the compacted part is
+    written, or before the old parts are removed: the next publish leaves each key exactly once."""
+    import caprl_cli.outputs as outputs
+
+    publisher.commit([_ok("a"), _err("b"), _ok("c")])
+    publisher.publish()
+    publisher.commit([_ok("b"), _ok("d"), _ok("e")])
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"injected crash at {crash_at}")
+
+    with monkeypatch.context() as patch:
+        if crash_at == "rewrite":
+            patch.setattr(outputs, "rewrite_without", crash)
+        elif crash_at == "compacted-commit":
+            patch.setattr(outputs.ParquetRowWriter, "commit", crash)
+        else:
+            patch.setattr(publisher.state, "record_merge", crash)
+        with pytest.raises(RuntimeError, match="injected"):
+            publisher.publish()
+    publisher.publish()
+    found = publisher.samples()
+    assert sorted(found) == ["a", "b", "c", "d", "e"]
+    assert all(len(places) == 1 and places[0][1] == "ok" for places in found.values()), found
+    assert not [path for path in Path(publisher.target.directory).iterdir() if path.name.endswith(".tmp")]
+    publisher.publish()  # nothing new: nothing changes
+    assert publisher.samples() == found
