@@ -156,6 +156,9 @@ class FileTarget(OutputTarget):
         merge_output(state, index, self.options.output_format, provenance, staged)
         try:
             upload(staged, self.location, self.storage_options)
+        except BaseException:
+            state.merged_path.unlink(missing_ok=True)  # not published: the next run must upload again
+            raise
         finally:
             staged.unlink(missing_ok=True)
 
