@@ -111,7 +111,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     settings = CaptionSettings(
         inputs=inputs,
         output=output,
-        output_format=output_format.lower(),
+        output_format=output_format,
         engine=options.pop("engine").lower(),
         dtype=options.pop("dtype").lower(),
         workers=default_workers() if workers is None else workers,
@@ -126,7 +126,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     report = run_caption(settings)
     if not quiet:
         click.echo(f"caprl: {describe_run(report)}", err=True)
-    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.work_remains):
+    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.plan.work_remains):
         return exit_codes.OK
     return EXIT_CODE_OF[report.stop_reason]
 
@@ -151,10 +151,10 @@ def describe_run(report: Any) -> str:
     if report.stop_reason is not None:
         what += f"; stopped ({report.stop_reason.value})"
     left = []
-    if report.remaining:
-        left.append(f"{report.remaining} images")
-    if report.unfinished_streams:
-        left.append(f"{report.unfinished_streams} shards or manifests")
+    if plan.listed_remaining:
+        left.append(f"{plan.listed_remaining} images")
+    if plan.unfinished_streams:
+        left.append(f"{plan.unfinished_streams} shards or manifests")
     if left:
         what += f"; {' and '.join(left)} remaining: run the same command again to continue"
     return what

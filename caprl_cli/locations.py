@@ -13,22 +13,14 @@ import re
 import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from caprl_cli.errors import UsageError
 from caprl_cli.inputs import is_hidden, is_image_name
-from caprl_cli.storage import StorageOptions, filesystem, is_url, open_input, redact
+from caprl_cli.shards import is_shard_name
+from caprl_cli.storage import StorageOptions, filesystem, open_input, redact
 
-_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # `::` joins shard specs, but not inside `[...]`: an IPv6 host (`http://[::1]:8000/`) is one piece.
 _LIST_SEPARATOR = re.compile(r"::(?![^\[]*\])")
-
-
-def _is_shard_name(name: str) -> bool:
-    """True for `.tar`, `.tar.gz` and `.tgz` names in any case; a URL is judged by its path alone."""
-    if is_url(name):
-        name = urlsplit(name.split("::")[-1]).path
-    return name.lower().endswith(_SHARD_SUFFIXES)
 
 
 def expand_shard_spec(spec: str) -> list[str] | None:
@@ -45,10 +37,10 @@ def expand_shard_spec(spec: str) -> list[str] | None:
         try:
             names = list(braceexpand.braceexpand(piece))
         except ValueError as exc:  # UnbalancedBracesError
-            if _is_shard_name(spec):
+            if is_shard_name(spec):
                 raise UsageError(f"cannot expand shard spec {redact(spec)}: {exc}") from None
             return None
-        if not names or not all(_is_shard_name(name) for name in names):
+        if not names or not all(is_shard_name(name) for name in names):
             return None
         expanded.extend(names)
     return expanded
@@ -103,7 +95,7 @@ def walk_remote_folder(url: str, options: StorageOptions | None = None) -> tuple
             continue
         if is_image_name(key):
             images.append(RemoteEntry(key, _full_url(fs, path, url)))
-        elif _is_shard_name(key):
+        elif is_shard_name(key):
             shards.append(RemoteEntry(key, _full_url(fs, path, url)))
     return sorted(images, key=_by_key), sorted(shards, key=_by_key)
 

@@ -21,11 +21,10 @@ import posixpath
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs import IMAGE_EXTENSIONS, Sample
-from caprl_cli.storage import StorageOptions, is_url, join, open_input, redact
+from caprl_cli.inputs import Sample, image_ext, is_image_name
+from caprl_cli.storage import StorageOptions, is_url, join, open_input, path_part, redact
 
 DEFAULT_IMAGE_COLUMNS = ("image", "image_path", "path", "url", "file_name")
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -35,7 +34,7 @@ _BATCH_ROWS = 4096
 
 def is_manifest_name(name: str) -> bool:
     """True for `.jsonl`, `.jsonl.gz` and `.parquet` names in any case (a URL by its path alone)."""
-    return _path_part(name).lower().endswith(MANIFEST_SUFFIXES)
+    return path_part(name).lower().endswith(MANIFEST_SUFFIXES)
 
 
 def manifest_samples(
@@ -53,11 +52,11 @@ def manifest_samples(
     bytes are left out (binary blobs do not belong in JSON text), other values JSON cannot hold
     (timestamps, decimals) become strings, NaN and infinities become null.
     """
-    name = posixpath.basename(_path_part(location)) or location
+    name = posixpath.basename(path_part(location)) or location
     root = image_root if image_root is not None else _folder_of(location)
     if not is_url(root):
         root = os.path.abspath(os.path.expanduser(root))
-    parquet = _path_part(location).lower().endswith(".parquet")
+    parquet = path_part(location).lower().endswith(".parquet")
     records = (
         _parquet_records(location, options, image_column, keep_meta) if parquet else _jsonl_records(location, options)
     )
@@ -142,7 +141,7 @@ def _jsonl_records(location: str, options: StorageOptions | None) -> Iterator[tu
 def _lines(location: str, options: StorageOptions | None) -> Iterator[bytes]:
     """The manifest's raw lines, read in chunks: streamed HTTP files cannot seek back for readline."""
     with _opened(location, options, stream=True) as raw:
-        handle: IO[bytes] = gzip.GzipFile(fileobj=raw) if _path_part(location).lower().endswith(".gz") else raw
+        handle: IO[bytes] = gzip.GzipFile(fileobj=raw) if path_part(location).lower().endswith(".gz") else raw
         pending = b""
         while True:
             chunk = _guarded(location, handle.read, _CHUNK)
@@ -190,11 +189,6 @@ def _guarded(location: str, call: Any, *args: Any, **kwargs: Any) -> Any:
         raise UsageError(f"cannot read manifest {redact(location)}: {reason or type(exc).__name__}") from None
 
 
-def _path_part(location: str) -> str:
-    """A location without its URL query: what names and suffixes are judged by."""
-    return urlsplit(location.split("::")[-1]).path if is_url(location) else location
-
-
 def _folder_of(location: str) -> str:
     """The folder a manifest sits in: a local directory, or a URL without its query and file name."""
     if not is_url(location):
@@ -204,5 +198,5 @@ def _folder_of(location: str) -> str:
 
 def _ext(value: str) -> str | None:
     """The image extension of a path or URL, lowercased and without the dot; None when it has none."""
-    ext = os.path.splitext(_path_part(value))[1].lower()
-    return ext[1:] if ext in IMAGE_EXTENSIONS else None
+    name = path_part(value)
+    return image_ext(name) if is_image_name(name) else None

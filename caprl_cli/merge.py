@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from caprl_cli.parts import new_run_id
 from caprl_cli.rows import COLUMNS
 from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, CommittedIndex, RunState
@@ -33,12 +31,7 @@ def merge_output(
     compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
     compacted = ParquetRowWriter(compacted_path) if compacted_path else None
     try:
-        for part, rows in zip(index.parts, index.rows_by_part(), strict=True):
-            if len(rows) == 0:
-                continue
-            with pq.ParquetFile(part) as parquet:
-                table = parquet.read(columns=list(COLUMNS))
-            latest = table if len(rows) == table.num_rows else table.take(rows)
+        for latest in index.latest_tables(list(COLUMNS)):
             writer.write_table(latest)
             if compacted is not None:
                 compacted.write_table(latest)

@@ -28,7 +28,7 @@ from caprl_cli.merge import compacted_part_path, merge_output
 from caprl_cli.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
 from caprl_cli.run_state import CommittedIndex, RunState, state_dir_for
 from caprl_cli.sidecar_output import SidecarResult, write_sidecar
-from caprl_cli.storage import StorageOptions, exists, filesystem, local_path_of, redact, require_backend, upload
+from caprl_cli.storage import StorageOptions, exists, local_path_of, redact, remove, require_backend, upload
 from caprl_cli.wds_output import (
     DEFAULT_SHARD_PATTERN,
     ShardSetWriter,
@@ -164,12 +164,7 @@ class FileTarget(OutputTarget):
 
     def clear(self) -> None:
         for location in (self.location, self.summary_location()):
-            path = local_path_of(location)
-            if path is not None:
-                path.unlink(missing_ok=True)
-            elif exists(location, self.storage_options):
-                fs, inner = filesystem(location, self.storage_options)
-                fs.rm(inner)
+            remove(location, self.storage_options)
 
 
 class ShardTarget(OutputTarget):
@@ -249,7 +244,7 @@ class ShardTarget(OutputTarget):
             # Captioned samples first, error samples after them: readers that infer a layout from the
             # first samples (datasets' webdataset builder) then see image, .txt and .json.
             for captioned in (True, False):
-                for table in latest_tables(index, captioned):
+                for table in latest_of_status(index, captioned):
                     has_exported = EXPORTED_SHARD in table.column_names
                     numbers = table[EXPORTED_SHARD].to_pylist() if has_exported else [None] * table.num_rows
                     has_images = "image" in table.column_names
@@ -288,16 +283,10 @@ COMPACTED_SCHEMA = SCHEMA.append(pa.field(EXPORTED_SHARD, pa.int32()))
 IMAGE_COLUMN_NAMES = {field.name for field in IMAGE_COLUMNS}
 
 
-def latest_tables(index: CommittedIndex, captioned: bool) -> Iterator[pa.Table]:
+def latest_of_status(index: CommittedIndex, captioned: bool) -> Iterator[pa.Table]:
     """Per part, the latest rows of their keys that are captioned (or errors), with every column the
     part has (image bytes only for captioned rows: error rows never carry an image)."""
-    for part, rows in zip(index.parts, index.rows_by_part(), strict=True):
-        if len(rows) == 0:
-            continue
-        with pq.ParquetFile(part) as parquet:
-            names = parquet.schema_arrow.names
-            table = parquet.read(columns=None if captioned else [n for n in names if n not in IMAGE_COLUMN_NAMES])
-        table = table if len(rows) == table.num_rows else table.take(rows)
+    for table in index.latest_tables(drop=() if captioned else IMAGE_COLUMN_NAMES):
         ok = pc.equal(table["status"], STATUS_OK)
         yield table.filter(ok if captioned else pc.invert(ok))
 
@@ -331,11 +320,7 @@ class SidecarTarget(OutputTarget):
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
         already = set(state.merged_parts() or [])
         results: Counter[str] = Counter()
-        for part, rows in zip(index.parts, index.rows_by_part(), strict=True):
-            if part.name in already or len(rows) == 0:
-                continue
-            with pq.ParquetFile(part) as parquet:
-                table = parquet.read(columns=["source", "caption", "status"]).take(rows)
+        for table in index.latest_tables(["source", "caption", "status"], skip=already):
             for row in table.filter(pc.equal(table["status"], STATUS_OK)).to_pylist():
                 if not Path(row["source"]).is_absolute() or not Path(row["source"]).is_file():
                     results["not_local"] += 1  # an image from a URL or a manifest: nowhere to put a .txt

@@ -11,7 +11,6 @@ read while the engine works, and `--limit` stops reading as soon as enough sampl
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from caprl_cli.run_state import CommittedIndex
 from caprl_cli.shards import read_shard
 from caprl_cli.sources import InputOptions, InputSet, ShardRef
 from caprl_cli.storage import open_input, redact
-
-log = logging.getLogger("caprl")
 
 LISTED = "listed"
 
@@ -151,7 +148,9 @@ class Plan:
         from another (two shards with one key) the later sample is an error row of its own, so the
         first one's row stays."""
         tally = self.tallies[origin]
-        committed = self._committed_keys()
+        if self._committed is None:
+            self._committed = self.index.status_by_key()
+        committed = self._committed
         for sample in samples:
             taken = self._taken.get(sample.key)
             if taken is not None:
@@ -176,13 +175,6 @@ class Plan:
             if not skip:
                 yield origin, sample
         tally.finished = True
-
-    def _committed_keys(self) -> dict[str, bool]:
-        if self._committed is None:
-            latest = self.index.latest
-            ok = pc.equal(latest["status"], "ok").to_pylist()
-            self._committed = dict(zip(latest["key"].to_pylist(), ok, strict=True))
-        return self._committed
 
     # -- rows coming back -------------------------------------------------------------------------
 

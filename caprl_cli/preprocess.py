@@ -185,17 +185,13 @@ class Preprocessor:
 
     def _submit(self, sample: Sample) -> Future[Outcome]:
         assert self._pool is not None
-        if sample.error_kind is not None:  # broken before decoding: no need to send it to a worker
+        # Broken before decoding, or in a memory:// filesystem no worker process can see: done here.
+        if sample.error_kind is not None or (sample.path is not None and is_process_local(sample.path)):
             known: Future[Outcome] = Future()
-            known.set_result(prepare_sample(sample, self.grid, self.max_image_pixels))
+            known.set_result(
+                prepare_sample(sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options)
+            )
             return known
-        if sample.data is None and sample.path is not None and is_process_local(sample.path):
-            try:
-                sample = replace(sample, data=read_sample_bytes(sample, self.storage_options))
-            except SampleError as exc:
-                failed: Future[Outcome] = Future()
-                failed.set_result(Failed(sample, exc.kind, exc.message))
-                return failed
         return self._pool.submit(_prepare_in_worker, sample)
 
     def _collect(self, in_flight: deque[tuple[Sample, Future[Outcome]]], keep: int) -> Iterator[Outcome]:

@@ -96,7 +96,7 @@ def build_provenance(
             "max_image_pixels": settings.max_image_pixels,
             "grid_factor": facts.grid_factor,
         },
-        "output": redact(str(settings.output)) if settings.output is not None else None,
+        "output": redact(settings.output_location) if settings.output_location is not None else None,
         "format": settings.output_format,
         "counts": totals,
         "run": {

@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caprl_cli.errors import OutputLocked
-from caprl_cli.rows import kind_of_error
+from caprl_cli.rows import STATUS_OK, kind_of_error
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.writers import write_json_atomically
 
@@ -95,8 +96,13 @@ class CommittedIndex:
     def keys(self, ok_only: bool = False) -> pa.Array:
         table = self.latest
         if ok_only:
-            table = table.filter(pc.equal(table["status"], "ok"))
+            table = table.filter(pc.equal(table["status"], STATUS_OK))
         return table["key"].combine_chunks()
+
+    def status_by_key(self) -> dict[str, bool]:
+        """Committed key -> captioned ok, for lookups one sample at a time (streamed shards)."""
+        ok = pc.equal(self.latest["status"], STATUS_OK).to_pylist()
+        return dict(zip(self.latest["key"].to_pylist(), ok, strict=True))
 
     def error_counts(self) -> dict[str, int]:
         """Committed error rows by kind."""
@@ -111,6 +117,19 @@ class CommittedIndex:
         rows = ordered["row"].to_numpy()
         bounds = np.searchsorted(part_of_row, np.arange(len(self.parts) + 1), side="left")
         return [rows[bounds[i] : bounds[i + 1]] for i in range(len(self.parts))]
+
+    def latest_tables(
+        self, columns: list[str] | None = None, drop: Collection[str] = (), skip: Collection[str] = ()
+    ) -> Iterator[pa.Table]:
+        """Part by part, the rows that are the latest of their key: `columns` (default all the part
+        has) less `drop`, for parts not named in `skip`. One part in memory at a time."""
+        for part, rows in zip(self.parts, self.rows_by_part(), strict=True):
+            if len(rows) == 0 or part.name in skip:
+                continue
+            with pq.ParquetFile(part) as parquet:
+                names = columns if columns is not None else parquet.schema_arrow.names
+                table = parquet.read(columns=[name for name in names if name not in drop])
+            yield table if len(rows) == table.num_rows else table.take(rows)
 
 
 class RunState:

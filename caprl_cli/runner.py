@@ -53,19 +53,6 @@ class RunReport:
     images_per_s: float  # while captioning, model loading excluded
     stop_reason: StopReason | None
 
-    @property
-    def remaining(self) -> int:
-        """Listed images still to caption: not reached because of --limit, or because the run was stopped."""
-        return self.plan.listed_remaining
-
-    @property
-    def unfinished_streams(self) -> int:
-        """Shards and manifests not read to the end, or whose samples did not all get a row."""
-        return self.plan.unfinished_streams
-
-    @property
-    def work_remains(self) -> bool:
-        return self.plan.work_remains
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ class RunOutcome:
 class RowSink:
     """Counts each finished row, shows progress, and hands the row to the part writer."""
 
-    def __init__(self, parts: PartWriter, progress: Progress, plan: Plan | None = None) -> None:
+    def __init__(self, parts: PartWriter, progress: Progress, plan: Plan) -> None:
         self.parts = parts
         self.progress = progress
         self.plan = plan
@@ -95,8 +82,7 @@ class RowSink:
             self.counts.errors_by_kind[kind] += 1
         self.progress.update(tokens=row["output_tokens"] or 0, error=kind is not None)
         self.parts.add(row)
-        if self.plan is not None:
-            self.plan.row_done(row)
+        self.plan.row_done(row)
 
 
 def failed_row(failed: Failed, model: str) -> Row:
@@ -254,7 +240,7 @@ def caption_plan(
         facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
         if stopper.should_stop():
             return RunOutcome(sink.counts, 0.0, facts)
-        total = expected_images(plan, settings.limit)
+        total = expected_images(plan)
         log.info("captioning %s images with %s on %s", total or "the", settings.model, engine.version)
         sink.progress = Progress(total, enabled=settings.progress)
         outcomes = preprocessor.prepare(samples)
@@ -274,12 +260,12 @@ def caption_plan(
             engine.close()
 
 
-def expected_images(plan: Plan, limit: int | None) -> int | None:
+def expected_images(plan: Plan) -> int | None:
     """How many images this run will caption, if known before shards and manifests are read."""
     if plan.shards or plan.manifests:
         return None
     todo = len(plan.listed.todo)
-    return todo if limit is None else min(todo, limit)
+    return todo if plan.limit is None else min(todo, plan.limit)
 
 
 def finish(

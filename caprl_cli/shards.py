@@ -19,6 +19,7 @@ from typing import IO
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs import IMAGE_EXTENSIONS, Sample
+from caprl_cli.storage import path_part
 
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 MAX_META_MEMBER_BYTES = 1024 * 1024
@@ -33,8 +34,8 @@ _NAMES_SHOWN = 5
 
 
 def is_shard_name(name: str) -> bool:
-    """True for names of tar shards, plain or gzipped, in any case."""
-    return name.lower().endswith(SHARD_SUFFIXES)
+    """True for names of tar shards, plain or gzipped, in any case; a URL is judged by its path."""
+    return path_part(name).lower().endswith(SHARD_SUFFIXES)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

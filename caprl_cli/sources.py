@@ -20,7 +20,7 @@ from caprl_cli.inputs import Sample, image_ext, is_image_name, walk_images
 from caprl_cli.locations import expand_shard_spec, read_file_list, walk_remote_folder
 from caprl_cli.manifests import is_manifest_name
 from caprl_cli.shards import is_shard_name
-from caprl_cli.storage import StorageOptions, is_url, local_path_of, redact, require_backend
+from caprl_cli.storage import StorageOptions, is_url, local_path_of, path_part, redact, require_backend
 
 log = logging.getLogger("caprl")
 
@@ -112,9 +112,10 @@ class InputResolver:
             self.add_local(raw, listed_in)
 
     def add_url(self, url: str, listed_in: str | None) -> None:
-        if is_image_name(url.split("?", 1)[0]):
+        name = path_part(url)
+        if is_image_name(name):
             source = redact(url)
-            self.add_sample(Sample(key=source, source=source, path=url, ext=image_ext(url.split("?", 1)[0])))
+            self.add_sample(Sample(key=source, source=source, path=url, ext=image_ext(name)))
             return
         images, shards = walk_remote_folder(url, self.options.storage_options)
         if not images and not shards:

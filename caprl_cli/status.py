@@ -16,17 +16,14 @@ from caprl_cli.progress import format_duration
 from caprl_cli.run_state import RunState
 from caprl_cli.settings import output_format_for
 from caprl_cli.sources import InputOptions, resolve_inputs
-from caprl_cli.storage import StorageOptions, local_path_of
+from caprl_cli.storage import StorageOptions
 
 
 def state_dir_of(output: str, output_format: str | None, state_dir: Path | None) -> Path:
     """The state folder a run with this -o (and --format, --state-dir) used."""
     if state_dir is not None:
         return state_dir
-    local = local_path_of(output)
-    if local is not None and local.is_dir():
-        return local / ".caprl"  # WebDataset shards or sidecar captions: the state is inside
-    try:
+    try:  # a folder means WebDataset shards (or sidecar captions): either keeps its state in <folder>/.caprl
         output_format = output_format_for(output, output_format)
     except UsageError:
         output_format = "parquet"

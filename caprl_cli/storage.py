@@ -52,6 +52,12 @@ def is_process_local(location: str) -> bool:
     return is_url(location) and scheme_of(location) == "memory"
 
 
+def path_part(location: str) -> str:
+    """A location without its URL query (`https://h/x.tar?sig=..` -> `/x.tar`): what names and
+    suffixes are judged by. A local path is returned as it is."""
+    return urlsplit(location.split("::")[-1]).path if is_url(location) else location
+
+
 def local_path_of(location: str) -> Path | None:
     """The local path a location names (a plain path or `file://`), else None."""
     if not is_url(location):
@@ -83,10 +89,10 @@ def filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, st
     try:
         return fsspec.core.url_to_fs(url, **(options or {}))
     except ImportError as exc:
-        raise UsageError(f"cannot read {redact(url)}: {missing_backend_hint(url, exc)}") from None
+        raise no_backend(url, url, exc) from None
     except ValueError as exc:
         if "Protocol not known" in str(exc):
-            raise UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme_of(url)}://") from None
+            raise no_backend(url, url, exc) from None
         raise
 
 
@@ -102,17 +108,19 @@ def require_backend(url: str) -> None:
             continue
         try:
             fsspec.get_filesystem_class(scheme_of(link))
-        except ImportError as exc:
-            raise UsageError(f"cannot read {redact(url)}: {missing_backend_hint(link, exc)}") from None
-        except ValueError:
-            raise UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme_of(link)}://") from None
+        except (ImportError, ValueError) as exc:
+            raise no_backend(url, link, exc) from None
 
 
-def missing_backend_hint(url: str, exc: BaseException) -> str:
-    """Which package brings the backend a URL needs."""
-    package = BACKEND_PACKAGES.get(scheme_of(url))
+def no_backend(url: str, link: str, exc: BaseException) -> UsageError:
+    """The usage error for `url` when fsspec has no backend for `link`'s scheme: unknown, or known but
+    not installed (then naming the package that brings it)."""
+    scheme = scheme_of(link)
+    if not isinstance(exc, ImportError):
+        return UsageError(f"cannot read {redact(url)}: no fsspec backend for {scheme}://")
+    package = BACKEND_PACKAGES.get(scheme)
     hint = f" (pip install {package})" if package else ""
-    return f"the fsspec backend for {scheme_of(url)}:// is not installed{hint}: {exc}"
+    return UsageError(f"cannot read {redact(url)}: the fsspec backend for {scheme}:// is not installed{hint}: {exc}")
 
 
 def open_input(location: str, options: StorageOptions | None = None, stream: bool = False) -> IO[bytes]:
@@ -181,6 +189,17 @@ def upload(local: Path, url: str, options: StorageOptions | None = None) -> None
     except BaseException:
         fs.rm(temp)
         raise
+
+
+def remove(location: str, options: StorageOptions | None = None) -> None:
+    """Delete a local path or URL; one that is not there is fine."""
+    path = local_path_of(location)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(location, options)
+    if fs.exists(inner):
+        fs.rm(inner)
 
 
 def exists(location: str, options: StorageOptions | None = None) -> bool:

@@ -23,14 +23,13 @@ from typing import IO, Any
 
 from caprl_cli.errors import UsageError
 from caprl_cli.rows import COLUMNS, STATUS_OK, Row
+from caprl_cli.shards import split_member_name
 from caprl_cli.storage import filesystem, local_path_of, redact
 from caprl_cli.writers import fsync_rename, temp_path_for
 
 DEFAULT_SHARD_PATTERN = "%06d.tar"
 # One integer conversion (`%d` or zero-padded `%0Nd`, never space-padded), no other `%`, no folder, `.tar`.
 _PATTERN = re.compile(r"^([^%/]*)%(?:0[1-9]\d*)?d([^%/]*\.tar)$")
-# WebDataset's own split of a member name into sample key and extension.
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Members WebDataset skips as metadata when the name starts like this.
 _WDS_META = re.compile(r"^__[^/]*__/")
 _RESERVED_EXTS = frozenset({"json", "txt"})
@@ -57,12 +56,6 @@ def _escape_char(key: str, i: int) -> str:
     if ch == "/" and (i == 0 or i == len(key) - 1 or key[i - 1] == "/"):
         return "%2F"
     return ch
-
-
-def split_member_name(name: str) -> tuple[str | None, str | None]:
-    """(sample key, extension) of a member name, as WebDataset splits it; (None, None) if it cannot."""
-    match = _MEMBER_NAME.match(name)
-    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def validate_pattern(pattern: str) -> str:
@@ -299,9 +292,9 @@ def rewrite_without(directory: str, name: str, member_keys: set[str], storage_op
             tarfile.open(built, "w", format=tarfile.PAX_FORMAT, encoding="utf-8") as new,
         ):
             for info in old:
-                key = split_member_name(info.name)[0]
-                if key is not None and key in member_keys:
-                    dropped.add(key)
+                split = split_member_name(info.name)
+                if split is not None and split[0] in member_keys:
+                    dropped.add(split[0])
                 else:
                     new.addfile(info, old.extractfile(info) if info.isreg() else None)
         if dropped:

@@ -16,7 +16,7 @@ from caprl_cli.outputs import OutputOptions, ShardTarget
 from caprl_cli.parts import new_run_id
 from caprl_cli.rows import PART_SCHEMA_WITH_IMAGES, caption_row, error_row
 from caprl_cli.run_state import RunState
-from caprl_cli.wds_output import split_member_name
+from caprl_cli.shards import split_member_name
 from caprl_cli.writers import rows_to_table
 
 

@@ -22,7 +22,7 @@ from caprl_cli.storage import (
     is_url,
     join,
     local_path_of,
-    missing_backend_hint,
+    no_backend,
     open_input,
     parse_storage_options,
     read_bytes,
@@ -303,6 +303,10 @@ def test_filesystem_of_memory_url(memory_fs: object) -> None:
     fs, inner = filesystem("memory://bucket/x.jpg")
     assert fs.protocol[0] == "memory" or "memory" in fs.protocol
     assert inner.endswith("bucket/x.jpg")
+
+
+def missing_backend_hint(url: str, exc: ImportError) -> str:
+    return str(no_backend(url, url, exc))
 
 
 def test_missing_backend_hint() -> None:

@@ -16,6 +16,7 @@ import webdataset as wds
 
 from caprl_cli.errors import ErrorKind, UsageError
 from caprl_cli.rows import COLUMNS, caption_row, error_row
+from caprl_cli.shards import split_member_name
 from caprl_cli.wds_output import (
     DEFAULT_SHARD_PATTERN,
     ShardSetWriter,
@@ -24,7 +25,6 @@ from caprl_cli.wds_output import (
     remove_shards,
     rewrite_without,
     shard_name,
-    split_member_name,
     split_output_pattern,
 )
 
