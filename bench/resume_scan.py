@@ -38,13 +38,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import Sample
-from caprl_cli.merge import merge_output
-from caprl_cli.parts import PartWriter, new_run_id
-from caprl_cli.plan import plan_run
-from caprl_cli.sources import InputSet
-from caprl_cli.rows import Row, caption_row, error_row
-from caprl_cli.run_state import RunState
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.outputs.merge import merge_output
+from caprl_cli.state.parts import PartWriter, new_run_id
+from caprl_cli.state.plan import plan_run
+from caprl_cli.inputs.resolve import InputSet
+from caprl_cli.outputs.rows import Row, caption_row, error_row
+from caprl_cli.state.folder import RunState
 
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "out.parquet"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from caprl_cli.shards import read_shard
+from caprl_cli.inputs.shards import read_shard
 
 
 def make_shards(folder: Path, shards: int, samples: int, image_bytes: int, gzip: bool) -> list[Path]:

@@ -73,11 +73,11 @@ BARE_SCRIPT = r"""
 import json, sys, time
 from PIL import Image
 from vllm import LLM, SamplingParams
-from caprl_cli.grid import Grid
-from caprl_cli.model_profile import load_processor, profile_from_processor
-from caprl_cli.seeding import request_seed
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.model.profile import load_processor, profile_from_processor
+from caprl_cli.engines.seeding import request_seed
 from caprl_cli.settings import DEFAULT_PROMPT
-from caprl_cli.sources import list_samples
+from caprl_cli.inputs.resolve import list_samples
 
 model, images, max_tokens, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 max_pixels = 1280 * 28 * 28

@@ -18,7 +18,7 @@ import click
 
 from caprl_cli import __version__, exit_codes
 from caprl_cli.errors import OutputLocked, UsageError
-from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MODEL,
@@ -121,7 +121,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     )
     validate_settings(settings)
     from caprl_cli.runner import run_caption
-    from caprl_cli.stopping import EXIT_CODE_OF, StopReason
+    from caprl_cli.execute.stopping import EXIT_CODE_OF, StopReason
 
     report = run_caption(settings)
     if not quiet:

@@ -16,21 +16,21 @@ from dataclasses import asdict, dataclass
 from caprl_cli.engines import load_engine
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, Sampling
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs import Sample
-from caprl_cli.model_profile import ModelProfile, load_processor, profile_from_processor
-from caprl_cli.model_source import ModelSource, resolve_model
-from caprl_cli.outputs import OutputOptions, OutputTarget, open_target
-from caprl_cli.parts import PartWriter, new_run_id
-from caprl_cli.plan import Plan, peek, plan_run
-from caprl_cli.prefetch import Prefetcher
-from caprl_cli.preprocess import Failed, Outcome, Prepared, Preprocessor
-from caprl_cli.progress import Progress
-from caprl_cli.provenance import ModelFacts, RunCounts, build_provenance, totals_of, utc_now
-from caprl_cli.rows import PART_SCHEMA_WITH_IMAGES, SCHEMA, Row, caption_row, error_kind_of, error_row
-from caprl_cli.run_state import RunState, fingerprint_changes, fingerprint_of
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.model.profile import ModelProfile, load_processor, profile_from_processor
+from caprl_cli.model.source import ModelSource, resolve_model
+from caprl_cli.outputs.targets import OutputOptions, OutputTarget, open_target
+from caprl_cli.state.parts import PartWriter, new_run_id
+from caprl_cli.state.plan import Plan, peek, plan_run
+from caprl_cli.inputs.prefetch import Prefetcher
+from caprl_cli.prepare.pool import Failed, Outcome, Prepared, Preprocessor
+from caprl_cli.execute.progress import Progress
+from caprl_cli.outputs.provenance import ModelFacts, RunCounts, build_provenance, totals_of, utc_now
+from caprl_cli.outputs.rows import PART_SCHEMA_WITH_IMAGES, SCHEMA, Row, caption_row, error_kind_of, error_row
+from caprl_cli.state.folder import RunState, fingerprint_changes, fingerprint_of
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.sources import InputOptions, InputSet, resolve_inputs
-from caprl_cli.stopping import Stopper, StopReason
+from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
+from caprl_cli.execute.stopping import Stopper, StopReason
 from caprl_cli.storage import is_url
 
 log = logging.getLogger("caprl")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from caprl_cli.model_source import local_model_folder
+from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from caprl_cli.model.source import local_model_folder
 from caprl_cli.storage import local_path_of
 
 DEFAULT_MODEL = "internlm/CapRL-3B"

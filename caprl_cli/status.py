@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.outputs import OutputOptions, open_target
-from caprl_cli.plan import plan_run
-from caprl_cli.progress import format_duration
-from caprl_cli.run_state import RunState
+from caprl_cli.outputs.targets import OutputOptions, open_target
+from caprl_cli.state.plan import plan_run
+from caprl_cli.execute.progress import format_duration
+from caprl_cli.state.folder import RunState
 from caprl_cli.settings import output_format_for
-from caprl_cli.sources import InputOptions, resolve_inputs
+from caprl_cli.inputs.resolve import InputOptions, resolve_inputs
 from caprl_cli.storage import StorageOptions
 
 

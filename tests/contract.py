@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from caprl_cli.grid import Grid
-from caprl_cli.rows import COLUMNS
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.outputs.rows import COLUMNS
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

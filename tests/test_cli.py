@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from caprl_cli.rows import COLUMNS
+from caprl_cli.outputs.rows import COLUMNS
 
 
 def assert_usage_error(result: subprocess.CompletedProcess) -> None:

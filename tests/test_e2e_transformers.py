@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from contract import assert_rows_match_corpus, read_rows
 
-from caprl_cli.grid import Grid
+from caprl_cli.prepare.grid import Grid
 
 MAX_TOKENS = 16
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", str(MAX_TOKENS), "--no-progress")

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from contract import assert_rows_match_corpus, read_rows
 
-from caprl_cli.grid import Grid
+from caprl_cli.prepare.grid import Grid
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 24

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Grid, smart_resize
+from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Grid, smart_resize
 
 # (factor, min_pixels, max_pixels): Qwen2.5-VL defaults, a raised floor, Qwen3-VL-like grids.
 SETTINGS = [

@@ -13,8 +13,8 @@ from corpus import BOMB_SIZE, EXIF_ROTATED_KEY, EXIF_ROTATED_SIZE
 from PIL import ExifTags, Image
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.grid import Grid
-from caprl_cli.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, to_rgb
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.prepare.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image, to_rgb
 
 GRID = Grid(28)
 

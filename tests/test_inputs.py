@@ -9,8 +9,8 @@ import pytest
 from corpus import SKIPPED_KEYS
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import is_image_name
-from caprl_cli.sources import list_samples
+from caprl_cli.inputs.sample import is_image_name
+from caprl_cli.inputs.resolve import list_samples
 
 
 def _touch(root: Path, *keys: str) -> None:

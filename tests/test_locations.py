@@ -9,7 +9,7 @@ import fsspec
 import pytest
 
 from caprl_cli.errors import UsageError
-from caprl_cli.locations import RemoteEntry, expand_shard_spec, read_file_list, walk_remote_folder
+from caprl_cli.inputs.locations import RemoteEntry, expand_shard_spec, read_file_list, walk_remote_folder
 
 # --- shard specs -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.manifests import DEFAULT_IMAGE_COLUMNS, is_manifest_name, manifest_samples
+from caprl_cli.inputs.manifests import DEFAULT_IMAGE_COLUMNS, is_manifest_name, manifest_samples
 
 CAPRL_RECORDS = [
     {"id": "sa_1", "image": "sam/images/sa_1.jpg", "conversations": [{"from": "human", "value": "<image>Describe."}]},

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.parts import PartWriter, new_run_id
-from caprl_cli.rows import SCHEMA, caption_row, error_row
-from caprl_cli.run_state import RunState
+from caprl_cli.state.parts import PartWriter, new_run_id
+from caprl_cli.outputs.rows import SCHEMA, caption_row, error_row
+from caprl_cli.state.folder import RunState
 
 
 def _row(i: int) -> dict:

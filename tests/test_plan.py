@@ -17,12 +17,12 @@ import pytest
 from conftest import write_shard
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import Sample
-from caprl_cli.plan import Plan, peek, plan_run
-from caprl_cli.rows import Row, caption_row, error_row
-from caprl_cli.run_state import RunState
-from caprl_cli.sources import InputOptions, InputSet, ShardRef, resolve_inputs
-from caprl_cli.writers import rows_to_table
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.state.plan import Plan, peek, plan_run
+from caprl_cli.outputs.rows import Row, caption_row, error_row
+from caprl_cli.state.folder import RunState
+from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef, resolve_inputs
+from caprl_cli.outputs.table import rows_to_table
 
 
 def _sample(key: str) -> Sample:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from caprl_cli.prefetch import Prefetcher
+from caprl_cli.inputs.prefetch import Prefetcher
 
 JOIN_TIMEOUT = 5.0
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from caprl_cli.progress import Progress, format_duration
+from caprl_cli.execute.progress import Progress, format_duration
 
 
 @pytest.mark.parametrize(

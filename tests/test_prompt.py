@@ -7,7 +7,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from caprl_cli.prompt import caption_messages, processor_renderer, render_prompt
+from caprl_cli.model.prompt import caption_messages, processor_renderer, render_prompt
 from caprl_cli.settings import DEFAULT_PROMPT
 
 CAPRL_QWEN25_PROMPT = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from caprl_cli.seeding import SEED_SPACE, request_seed
+from caprl_cli.engines.seeding import SEED_SPACE, request_seed
 
 KEYS = ["a.jpg", "b.jpg", "a/same.jpg", "b/same.jpg", "café_ß_日本.png", "", "x" * 1000, "0", "00"]
 
@@ -24,7 +24,7 @@ def test_stable_across_calls() -> None:
 
 def test_stable_across_processes() -> None:
     """Not salted per process (unlike hash()): a fresh interpreter computes the same seeds."""
-    code = "from caprl_cli.seeding import request_seed; print([request_seed(7, k) for k in ['a.jpg', 'b/same.jpg']])"
+    code = "from caprl_cli.engines.seeding import request_seed; print([request_seed(7, k) for k in ['a.jpg', 'b/same.jpg']])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([request_seed(7, "a.jpg"), request_seed(7, "b/same.jpg")])
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import Sample
-from caprl_cli.shards import read_shard
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.inputs.shards import read_shard
 
 SOURCE = "shards/hostile.tar"
 

@@ -15,8 +15,8 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import Sample
-from caprl_cli.shards import MAX_META_MEMBER_BYTES, is_shard_name, read_shard, split_member_name
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.inputs.shards import MAX_META_MEMBER_BYTES, is_shard_name, read_shard, split_member_name
 
 SOURCE = "s3://bucket/shard-000.tar"
 

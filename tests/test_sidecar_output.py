@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from caprl_cli.sidecar_output import SidecarResult, sidecar_path, write_sidecar
+from caprl_cli.outputs.sidecar import SidecarResult, sidecar_path, write_sidecar
 
 CAPTION = "A café — two\nlines, no trailing newline"
 

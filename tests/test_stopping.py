@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caprl_cli.stopping import EXIT_CODE_OF, Stopper, StopReason, deadline_margin
+from caprl_cli.execute.stopping import EXIT_CODE_OF, Stopper, StopReason, deadline_margin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_restore_puts_previous_handlers_back() -> None:
 
 _TWO_SIGNALS = """
 import os, signal, sys, time
-from caprl_cli.stopping import Stopper
+from caprl_cli.execute.stopping import Stopper
 stopper = Stopper()
 stopper.install()
 os.kill(os.getpid(), getattr(signal, sys.argv[1]))

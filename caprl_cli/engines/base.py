@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from caprl_cli.preprocess import Prepared
+from caprl_cli.prepare.pool import Prepared
 
 
 @dataclass(frozen=True)

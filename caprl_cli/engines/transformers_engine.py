@@ -13,8 +13,8 @@ from itertools import islice
 from typing import Any
 
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, finish_reason_of
-from caprl_cli.preprocess import Prepared
-from caprl_cli.seeding import request_seed
+from caprl_cli.prepare.pool import Prepared
+from caprl_cli.engines.seeding import request_seed
 
 DEFAULT_BATCH_SIZE = 8
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from caprl_cli.engines.base import Caption, Engine, EngineSpec
-from caprl_cli.preprocess import Prepared
-from caprl_cli.seeding import request_seed
+from caprl_cli.prepare.pool import Prepared
+from caprl_cli.engines.seeding import request_seed
 
 # Requests kept waiting beyond what the scheduler runs at once, so finished slots refill at once.
 _QUEUE_HEADROOM = 16

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs import Sample, image_ext, is_image_name
+from caprl_cli.inputs.sample import Sample, image_ext, is_image_name
 from caprl_cli.storage import StorageOptions, is_url, join, open_input, path_part, redact
 
 DEFAULT_IMAGE_COLUMNS = ("image", "image_path", "path", "url", "file_name")

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.rows import COLUMNS, SCHEMA, caption_row, error_row
-from caprl_cli.writers import (
+from caprl_cli.outputs.rows import COLUMNS, SCHEMA, caption_row, error_row
+from caprl_cli.outputs.table import (
     PROVENANCE_KEY,
     JsonlRowWriter,
     ParquetRowWriter,

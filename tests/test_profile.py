@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from caprl_cli.model_profile import grid_factor, load_processor, profile_from_processor
+from caprl_cli.model.profile import grid_factor, load_processor, profile_from_processor
 from caprl_cli.settings import DEFAULT_PROMPT
 
 

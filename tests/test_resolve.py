@@ -15,7 +15,7 @@ import pytest
 from conftest import write_shard
 
 from caprl_cli.errors import UsageError
-from caprl_cli.sources import InputOptions, InputSet, ShardRef, resolve_inputs, shard_ref
+from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef, resolve_inputs, shard_ref
 from caprl_cli.storage import read_bytes
 
 

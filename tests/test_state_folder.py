@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind, OutputLocked
-from caprl_cli.rows import caption_row, error_row
-from caprl_cli.run_state import (
+from caprl_cli.outputs.rows import caption_row, error_row
+from caprl_cli.state.folder import (
     FINGERPRINT_FIELDS,
     RunState,
     fingerprint_changes,
@@ -24,7 +24,7 @@ from caprl_cli.run_state import (
     state_dir_for,
 )
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.writers import rows_to_table, temp_path_for
+from caprl_cli.outputs.table import rows_to_table, temp_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ _TRY_ACQUIRE = """
 import sys
 from pathlib import Path
 from caprl_cli.errors import OutputLocked
-from caprl_cli.run_state import RunState
+from caprl_cli.state.folder import RunState
 try:
     RunState(Path(sys.argv[1])).acquire(wait=False)
 except OutputLocked:
@@ -165,7 +165,7 @@ def test_lock_taken_by_another_process_refuses_us(state: RunState) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from caprl_cli.run_state import RunState
+        from caprl_cli.state.folder import RunState
         held = RunState(Path({str(state.output)!r}))
         held.acquire(wait=False)
         print("held", flush=True)
@@ -190,7 +190,7 @@ def test_lock_dropped_when_holder_dies(state: RunState, ending: str) -> None:
         f"""
         import os, sys
         from pathlib import Path
-        from caprl_cli.run_state import RunState
+        from caprl_cli.state.folder import RunState
         held = RunState(Path({str(state.output)!r}))
         held.acquire(wait=False)
         print("held", flush=True)

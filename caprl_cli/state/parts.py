@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caprl_cli.rows import SCHEMA, Row
-from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, TEMP_SUFFIX
-from caprl_cli.writers import fsync_rename, rows_to_table
+from caprl_cli.outputs.rows import SCHEMA, Row
+from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, TEMP_SUFFIX
+from caprl_cli.outputs.table import fsync_rename, rows_to_table
 
 DEFAULT_FLUSH_ROWS = 1000
 DEFAULT_FLUSH_SECONDS = 5.0

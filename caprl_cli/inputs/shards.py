@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs import IMAGE_EXTENSIONS, Sample
+from caprl_cli.inputs.sample import IMAGE_EXTENSIONS, Sample
 from caprl_cli.storage import path_part
 
 MAX_MEMBER_BYTES = 256 * 1024 * 1024

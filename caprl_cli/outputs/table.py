@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caprl_cli.rows import COLUMNS, SCHEMA, Row
+from caprl_cli.outputs.rows import COLUMNS, SCHEMA, Row
 
 PROVENANCE_KEY = "caprl"
 

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caprl_cli.errors import UsageError
-from caprl_cli.merge import compacted_part_path, merge_output
-from caprl_cli.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
-from caprl_cli.run_state import CommittedIndex, RunState, state_dir_for
-from caprl_cli.sidecar_output import SidecarResult, write_sidecar
+from caprl_cli.outputs.merge import compacted_part_path, merge_output
+from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
+from caprl_cli.state.folder import CommittedIndex, RunState, state_dir_for
+from caprl_cli.outputs.sidecar import SidecarResult, write_sidecar
 from caprl_cli.storage import StorageOptions, exists, local_path_of, redact, remove, require_backend, upload
-from caprl_cli.wds_output import (
+from caprl_cli.outputs.webdataset import (
     DEFAULT_SHARD_PATTERN,
     ShardSetWriter,
     existing_shard_numbers,
@@ -41,7 +41,7 @@ from caprl_cli.wds_output import (
     shard_number,
     split_output_pattern,
 )
-from caprl_cli.writers import ParquetRowWriter, write_json_atomically
+from caprl_cli.outputs.table import ParquetRowWriter, write_json_atomically
 
 log = logging.getLogger("caprl")
 

@@ -34,9 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caprl_cli.errors import OutputLocked
-from caprl_cli.rows import STATUS_OK, kind_of_error
+from caprl_cli.outputs.rows import STATUS_OK, kind_of_error
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.writers import write_json_atomically
+from caprl_cli.outputs.table import write_json_atomically
 
 log = logging.getLogger("caprl")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from caprl_cli.grid import Grid
-from caprl_cli.prompt import processor_renderer, render_prompt
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.model.prompt import processor_renderer, render_prompt
 
 # Room for the prompt's own text tokens when sizing the context; CapRL's prompt needs about 20.
 _CONTEXT_MARGIN = 32

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageFile, ImageOps
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.grid import Grid
+from caprl_cli.prepare.grid import Grid
 
 # Pillow's own limit; `--max-image-pixels` defaults to it.
 DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from caprl_cli.parts import new_run_id
-from caprl_cli.rows import COLUMNS
-from caprl_cli.run_state import PART_PREFIX, PART_SUFFIX, CommittedIndex, RunState
-from caprl_cli.writers import ParquetRowWriter, open_writer
+from caprl_cli.state.parts import new_run_id
+from caprl_cli.outputs.rows import COLUMNS
+from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, CommittedIndex, RunState
+from caprl_cli.outputs.table import ParquetRowWriter, open_writer
 
 # More committed parts than this are compacted into one while merging.
 COMPACT_ABOVE_PARTS = 64

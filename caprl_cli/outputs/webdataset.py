@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.rows import COLUMNS, STATUS_OK, Row
-from caprl_cli.shards import split_member_name
+from caprl_cli.outputs.rows import COLUMNS, STATUS_OK, Row
+from caprl_cli.inputs.shards import split_member_name
 from caprl_cli.storage import filesystem, local_path_of, redact
-from caprl_cli.writers import fsync_rename, temp_path_for
+from caprl_cli.outputs.table import fsync_rename, temp_path_for
 
 DEFAULT_SHARD_PATTERN = "%06d.tar"
 # One integer conversion (`%d` or zero-padded `%0Nd`, never space-padded), no other `%`, no folder, `.tar`.

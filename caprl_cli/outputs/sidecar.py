@@ -12,7 +12,7 @@ import os
 from enum import Enum
 from pathlib import Path
 
-from caprl_cli.writers import temp_path_for
+from caprl_cli.outputs.table import temp_path_for
 
 
 class SidecarResult(str, Enum):

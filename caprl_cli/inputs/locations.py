@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import is_hidden, is_image_name
-from caprl_cli.shards import is_shard_name
+from caprl_cli.inputs.sample import is_hidden, is_image_name
+from caprl_cli.inputs.shards import is_shard_name
 from caprl_cli.storage import StorageOptions, filesystem, open_input, redact
 
 # `::` joins shard specs, but not inside `[...]`: an IPv6 host (`http://[::1]:8000/`) is one piece.

@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.grid import Grid
-from caprl_cli.images import prepare_image
-from caprl_cli.inputs import Sample
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.prepare.images import prepare_image
+from caprl_cli.inputs.sample import Sample
 from caprl_cli.storage import StorageOptions, is_process_local, is_url, read_bytes, redact
 
 

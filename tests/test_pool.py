@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.grid import Grid
-from caprl_cli.images import DEFAULT_MAX_IMAGE_PIXELS
-from caprl_cli.inputs import Sample
-from caprl_cli.preprocess import Failed, Prepared, Preprocessor, prepare_sample, read_sample_bytes
-from caprl_cli.sources import list_samples
+from caprl_cli.prepare.grid import Grid
+from caprl_cli.prepare.images import DEFAULT_MAX_IMAGE_PIXELS
+from caprl_cli.inputs.sample import Sample
+from caprl_cli.prepare.pool import Failed, Prepared, Preprocessor, prepare_sample, read_sample_bytes
+from caprl_cli.inputs.resolve import list_samples
 
 GRID = Grid(28)
 

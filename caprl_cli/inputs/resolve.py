@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs import Sample, image_ext, is_image_name, walk_images
-from caprl_cli.locations import expand_shard_spec, read_file_list, walk_remote_folder
-from caprl_cli.manifests import is_manifest_name
-from caprl_cli.shards import is_shard_name
+from caprl_cli.inputs.sample import Sample, image_ext, is_image_name, walk_images
+from caprl_cli.inputs.locations import expand_shard_spec, read_file_list, walk_remote_folder
+from caprl_cli.inputs.manifests import is_manifest_name
+from caprl_cli.inputs.shards import is_shard_name
 from caprl_cli.storage import StorageOptions, is_url, local_path_of, path_part, redact, require_backend
 
 log = logging.getLogger("caprl")
