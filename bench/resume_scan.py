@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
-from caprl_cli.outputs.merge import merge_output
+from caprl_cli.outputs.table import merge_output
 from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.state.plan import plan_run
 from caprl_cli.inputs.resolve import InputSet

@@ -1,8 +1,6 @@
 """Command line: parse options into settings, run, report. Nothing heavy is imported at module level,
-so `caprl --help` answers at once on a machine where importing vLLM takes seconds.
-
-Exit codes: 0 complete, 1 failed, 2 usage error, 3 partial (--max-runtime), 75 output locked by
-another run, 130/143 interrupted (SIGINT/SIGTERM).
+so `caprl --help` answers at once on a machine where importing vLLM takes seconds. Exit codes are
+listed in `exit_codes`; each error class carries its own.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from typing import Any
 import click
 
 from caprl_cli import __version__, exit_codes
-from caprl_cli.errors import OutputLocked, UsageError
+from caprl_cli.errors import CaprlError, UsageError
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -227,10 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except click.ClickException as exc:  # bad option, missing argument
         code = fail(exc.format_message(), exit_codes.USAGE)
-    except UsageError as exc:
-        code = fail(str(exc), exit_codes.USAGE)
-    except OutputLocked as exc:
-        code = fail(str(exc), exit_codes.LOCKED)
+    except CaprlError as exc:
+        code = fail(str(exc), exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
         code = fail("interrupted", exit_codes.SIGINT)
     except Terminated:

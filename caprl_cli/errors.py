@@ -1,13 +1,15 @@
-"""The two ways things go wrong: a user mistake (exit 2) or one bad sample (an error row).
+"""How things go wrong: one bad sample (an error row) or a run that cannot go on (an exit code).
 
 A run over millions of images must never stop for one bad file, so per-sample failures are values
-(`SampleError`) that become rows, while mistakes in how the tool was called are `UsageError`, which the
-CLI turns into one line on stderr and exit code 2.
+(`SampleError`) that become rows. Everything that ends a run is a `CaprlError` whose class carries its
+exit code; the CLI turns it into one line on stderr and that code (the table is in `exit_codes`).
 """
 
 from __future__ import annotations
 
 from enum import Enum
+
+from caprl_cli import exit_codes
 
 
 class ErrorKind(str, Enum):
@@ -23,12 +25,30 @@ class ErrorKind(str, Enum):
     MANIFEST = "manifest"  # a manifest line or row that names no image
 
 
-class UsageError(Exception):
-    """A mistake in how caprl was called: reported as one line, exit code 2."""
+class CaprlError(Exception):
+    """A run cannot go on: reported as one line on stderr with this class's exit code."""
+
+    exit_code = exit_codes.FAILED
 
 
-class OutputLocked(Exception):
+class UsageError(CaprlError):
+    """A mistake in how caprl was called, found before any work started: exit code 2, nothing changed."""
+
+    exit_code = exit_codes.USAGE
+
+
+class OutputLocked(CaprlError):
     """Another run is writing the same output: exit code 75 (EX_TEMPFAIL), try again later."""
+
+    exit_code = exit_codes.LOCKED
+
+
+class StateError(CaprlError):
+    """The state folder cannot be trusted (an unreadable part): exit code 1 before anything changes."""
+
+
+class EngineStartError(CaprlError):
+    """The engine could not be started (bad weights, unsupported model, out of memory): exit code 1."""
 
 
 class SampleError(Exception):

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.outputs.targets import OutputOptions, open_target
+from caprl_cli.outputs import open_target
+from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.state.plan import plan_run
 from caprl_cli.execute.progress import format_duration
 from caprl_cli.state.folder import RunState

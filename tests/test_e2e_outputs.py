@@ -22,7 +22,7 @@ from conftest import write_shard
 from PIL import Image
 
 from caprl_cli.outputs.rows import COLUMNS
-from caprl_cli.outputs.webdataset import member_key
+from caprl_cli.outputs.tar_shards import member_key
 
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", "8", "--no-progress")
 SHARD_SIZE = 3

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.outputs.merge import merge_output
+from caprl_cli.outputs.table import merge_output
 from caprl_cli.outputs.rows import COLUMNS, SCHEMA, caption_row, error_row
 from caprl_cli.state.folder import RunState
-from caprl_cli.outputs.table import rows_to_table
+from caprl_cli.outputs.row_writers import rows_to_table
 
 PROVENANCE = {"model": "tiny", "seed": 0, "note": "café ✓"}
 
@@ -146,7 +146,7 @@ def _many_parts(tmp_path: Path, fmt: str, count: int) -> RunState:
 
 def test_many_parts_are_compacted_while_merging(tmp_path: Path, fmt: str) -> None:
     """Past COMPACT_ABOVE_PARTS, the merge leaves one part holding exactly the latest rows."""
-    from caprl_cli.outputs.merge import COMPACT_ABOVE_PARTS
+    from caprl_cli.outputs.table import COMPACT_ABOVE_PARTS
 
     count = COMPACT_ABOVE_PARTS + 6
     state = _many_parts(tmp_path, fmt, count)
@@ -163,7 +163,7 @@ def test_many_parts_are_compacted_while_merging(tmp_path: Path, fmt: str) -> Non
 
 def test_compaction_interrupted_before_cleanup_reads_the_same(tmp_path: Path, fmt: str) -> None:
     """Old parts left beside the compacted one (a crash mid-cleanup) change no latest row."""
-    from caprl_cli.outputs.merge import COMPACT_ABOVE_PARTS
+    from caprl_cli.outputs.table import COMPACT_ABOVE_PARTS
 
     state = _many_parts(tmp_path, fmt, COMPACT_ABOVE_PARTS + 6)
     before = {row["key"]: row for row in state.committed().latest.select(["key", "status"]).to_pylist()}

@@ -8,7 +8,7 @@ import pytest
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs.rows import COLUMNS, caption_row, error_row
-from caprl_cli.outputs.table import open_writer
+from caprl_cli.outputs.row_writers import open_writer
 
 ROWS = [
     caption_row(key="a/x.jpg", source="/data/a/x.jpg", model="m", caption="A red car.", finish_reason="stop",

@@ -9,10 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import UsageError
-from caprl_cli.outputs.targets import FileTarget, OutputOptions, ShardTarget, SidecarTarget, cache_state_dir, open_target
+from caprl_cli.outputs import open_target
+from caprl_cli.outputs.base import OutputOptions, cache_state_dir
+from caprl_cli.outputs.sidecar import SidecarTarget
+from caprl_cli.outputs.table import FileTarget
+from caprl_cli.outputs.webdataset import ShardTarget
 from caprl_cli.outputs.rows import caption_row
 from caprl_cli.state.folder import RunState
-from caprl_cli.outputs.table import rows_to_table
+from caprl_cli.outputs.row_writers import rows_to_table
 
 
 def test_targets_by_format_and_their_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +44,7 @@ def test_missing_output_and_sidecar_without_a_local_folder_are_usage_errors() ->
 
 def test_failed_upload_is_published_again(memory_fs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If the upload of a remote output fails, the state must not say the output is current."""
-    import caprl_cli.outputs.targets as outputs
+    import caprl_cli.outputs.table as outputs
 
     target = FileTarget("memory://bucket/caps.parquet", OutputOptions("parquet", state_dir=tmp_path / "state"))
     state = RunState(None, state_dir=target.state_dir, label=target.label)

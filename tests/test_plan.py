@@ -22,7 +22,7 @@ from caprl_cli.state.plan import Plan, peek, plan_run
 from caprl_cli.outputs.rows import Row, caption_row, error_row
 from caprl_cli.state.folder import RunState
 from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef, resolve_inputs
-from caprl_cli.outputs.table import rows_to_table
+from caprl_cli.outputs.row_writers import rows_to_table
 
 
 def _sample(key: str) -> Sample:

@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.outputs.targets import OutputOptions, ShardTarget
+from caprl_cli.outputs.base import OutputOptions
+from caprl_cli.outputs.webdataset import ShardTarget
 from caprl_cli.state.parts import new_run_id
 from caprl_cli.outputs.rows import PART_SCHEMA_WITH_IMAGES, caption_row, error_row
 from caprl_cli.state.folder import RunState
 from caprl_cli.inputs.shards import split_member_name
-from caprl_cli.outputs.table import rows_to_table
+from caprl_cli.outputs.row_writers import rows_to_table
 
 
 def _ok(key: str) -> dict:
@@ -87,7 +88,7 @@ def test_a_crash_at_any_step_of_a_publish_is_repaired_by_the_next(
 ) -> None:
     """Crash after the new shards exist (before the stale row is dropped), after the compacted part is
     written, or before the old parts are removed: the next publish leaves each key exactly once."""
-    import caprl_cli.outputs.targets as outputs
+    import caprl_cli.outputs.webdataset as outputs
 
     publisher.commit([_ok("a"), _err("b"), _ok("c")])
     publisher.publish()

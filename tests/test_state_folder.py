@@ -16,15 +16,11 @@ import pytest
 
 from caprl_cli.errors import ErrorKind, OutputLocked
 from caprl_cli.outputs.rows import caption_row, error_row
-from caprl_cli.state.folder import (
-    FINGERPRINT_FIELDS,
-    RunState,
-    fingerprint_changes,
-    fingerprint_of,
-    state_dir_for,
-)
+from caprl_cli.state.fingerprint import FINGERPRINT_FIELDS, fingerprint_changes, fingerprint_of
+from caprl_cli.state.folder import RunState, state_dir_for
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.outputs.table import rows_to_table, temp_path_for
+from caprl_cli.outputs.atomic import temp_path_for
+from caprl_cli.outputs.row_writers import rows_to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

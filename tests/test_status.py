@@ -10,7 +10,8 @@ from PIL import Image
 from caprl_cli.errors import ErrorKind, UsageError
 from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.outputs.rows import caption_row, error_row
-from caprl_cli.state.folder import RunState, fingerprint_of
+from caprl_cli.state.fingerprint import fingerprint_of
+from caprl_cli.state.folder import RunState
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.status import format_status, output_status
 
@@ -132,7 +133,7 @@ def test_state_with_no_parts(tmp_path: Path) -> None:
 
 def test_output_current_after_merge(tmp_path: Path) -> None:
     """`output_current` is true once the output was merged from the present parts."""
-    from caprl_cli.outputs.merge import merge_output
+    from caprl_cli.outputs.table import merge_output
 
     output = tmp_path / "out.parquet"
     state = _make_state(output, [[_ok("a.png")]])

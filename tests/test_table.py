@@ -12,14 +12,8 @@ import pytest
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs.rows import COLUMNS, SCHEMA, caption_row, error_row
-from caprl_cli.outputs.table import (
-    PROVENANCE_KEY,
-    JsonlRowWriter,
-    ParquetRowWriter,
-    open_writer,
-    temp_path_for,
-    write_json_atomically,
-)
+from caprl_cli.outputs.atomic import temp_path_for, write_json_atomically
+from caprl_cli.outputs.row_writers import PROVENANCE_KEY, JsonlRowWriter, ParquetRowWriter, open_writer
 
 PROVENANCE = {"model": "tiny", "seed": 7, "settings": {"max_new_tokens": 32}, "note": "café ✓"}
 WRITERS = {"parquet": ParquetRowWriter, "jsonl": JsonlRowWriter}

@@ -17,16 +17,7 @@ import webdataset as wds
 from caprl_cli.errors import ErrorKind, UsageError
 from caprl_cli.outputs.rows import COLUMNS, caption_row, error_row
 from caprl_cli.inputs.shards import split_member_name
-from caprl_cli.outputs.webdataset import (
-    DEFAULT_SHARD_PATTERN,
-    ShardSetWriter,
-    existing_shard_numbers,
-    member_key,
-    remove_shards,
-    rewrite_without,
-    shard_name,
-    split_output_pattern,
-)
+from caprl_cli.outputs.tar_shards import DEFAULT_SHARD_PATTERN, ShardSetWriter, existing_shard_numbers, member_key, remove_shards, rewrite_without, shard_name, split_output_pattern
 
 WDS_SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -275,7 +266,7 @@ def test_patterns() -> None:
 
 def test_remove_stale_temporaries_only_touches_this_patterns_temporaries(tmp_path: Path) -> None:
     """A killed publish leaves `.<shard>.<pid>.tmp`; only those of this pattern go, shards stay."""
-    from caprl_cli.outputs.webdataset import remove_stale_temporaries
+    from caprl_cli.outputs.tar_shards import remove_stale_temporaries
 
     names = [".000003.tar.4242.tmp", ".train-00001.tar.7.tmp", "000001.tar", ".other.tmp", ".000003.tar.tmp"]
     for name in names:

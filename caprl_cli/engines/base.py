@@ -1,8 +1,9 @@
-"""The engine interface: prepared images in, captions with finish reason and token counts out.
+"""The engine interface: image requests (a key and model-ready pixels) in, captions by key out.
 
-Engines stream: they pull prepared images from an iterator as fast as they can use them and yield each
+Engines stream: they pull requests from an iterator as fast as they can use them and yield each
 result as soon as it is done, in completion order. That lets vLLM keep its batch full and lets the
-runner write rows while the engine works.
+executor write rows while the engine works. Engines see only keys and pixels, never the decoding
+pool's objects, so an engine can live in another process than the one that keeps the rows.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from caprl_cli.prepare.pool import Prepared
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class EngineSpec:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to caption: its key (which also seeds its sampling) and the pixels the model sees."""
+
+    key: str
+    image: Image.Image
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,9 @@ class Engine(ABC):
 
     @abstractmethod
     def caption(
-        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[tuple[Prepared, Caption]]:
-        """Caption every item, yielding results as they finish.
+        self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[str, Caption]]:
+        """Caption every request, yielding `(key, caption)` as each finishes; keys are unique per call.
 
         When `should_stop()` turns true, return soon: unfinished requests are dropped, never yielded
         half-done (their images are simply captioned by a later run).

@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from caprl_cli.engines.base import Caption, Engine, EngineSpec, finish_reason_of
-from caprl_cli.prepare.pool import Prepared
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, finish_reason_of
 from caprl_cli.engines.seeding import request_seed
 
 DEFAULT_BATCH_SIZE = 8
@@ -92,15 +91,15 @@ class TransformersEngine(Engine):
         return f"transformers {transformers.__version__}"
 
     def caption(
-        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[tuple[Prepared, Caption]]:
+        self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[str, Caption]]:
         source = iter(items)
         while not should_stop() and (batch := list(islice(source, self.batch_size))):
             yield from self._caption_batch(batch, should_stop)
 
     def _caption_batch(
-        self, batch: list[Prepared], should_stop: Callable[[], bool]
-    ) -> Iterator[tuple[Prepared, Caption]]:
+        self, batch: list[ImageRequest], should_stop: Callable[[], bool]
+    ) -> Iterator[tuple[str, Caption]]:
         try:
             captions = self._generate(batch, should_stop)
         except Exception as exc:
@@ -111,9 +110,9 @@ class TransformersEngine(Engine):
             captions = [Caption.failed(f"{type(exc).__name__}: {exc}")]
         if should_stop():
             return  # generation was cut short: these captions are incomplete
-        yield from zip(batch, captions, strict=True)
+        yield from zip((item.key for item in batch), captions, strict=True)
 
-    def _generate(self, batch: list[Prepared], should_stop: Callable[[], bool]) -> list[Caption]:
+    def _generate(self, batch: list[ImageRequest], should_stop: Callable[[], bool]) -> list[Caption]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -132,7 +131,7 @@ class TransformersEngine(Engine):
         sampling = spec.sampling
         processors = LogitsProcessorList()
         if sampling.temperature > 0:
-            seeds = [request_seed(sampling.seed, item.sample.key) for item in batch]
+            seeds = [request_seed(sampling.seed, item.key) for item in batch]
             processors.append(seeded_sampler(seeds, sampling.temperature, sampling.top_p))
         with torch.inference_mode():
             generated = self.model.generate(

@@ -12,8 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from caprl_cli.engines.base import Caption, Engine, EngineSpec
-from caprl_cli.prepare.pool import Prepared
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest
 from caprl_cli.engines.seeding import request_seed
 
 # Requests kept waiting beyond what the scheduler runs at once, so finished slots refill at once.
@@ -89,11 +88,11 @@ class VllmEngine(Engine):
         )
 
     def caption(
-        self, items: Iterable[Prepared], should_stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[tuple[Prepared, Caption]]:
+        self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[str, Caption]]:
         engine = self._llm.llm_engine
         source = iter(items)
-        pending: dict[str, Prepared] = {}
+        pending: dict[str, ImageRequest] = {}
         request_ids = itertools.count()
         exhausted = False
         while True:
@@ -107,10 +106,10 @@ class VllmEngine(Engine):
                     engine.add_request(
                         request_id,
                         {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}},
-                        self._sampling_params(item.sample.key),
+                        self._sampling_params(item.key),
                     )
                 except Exception as exc:  # refused by vLLM's input processing: one error row
-                    yield item, Caption.failed(f"{type(exc).__name__}: {exc}")
+                    yield item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
                     continue
                 pending[request_id] = item
             if should_stop():
@@ -122,7 +121,7 @@ class VllmEngine(Engine):
                 continue
             for output in engine.step():
                 if output.finished:
-                    yield pending.pop(output.request_id), _caption_of(output)
+                    yield pending.pop(output.request_id).key, _caption_of(output)
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)

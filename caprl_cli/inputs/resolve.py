@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs.sample import Sample, image_ext, is_image_name, walk_images
+from caprl_cli.inputs.sample import Sample, image_ext, is_image_name
+from caprl_cli.inputs.walk import walk_images
 from caprl_cli.inputs.locations import expand_shard_spec, read_file_list, walk_remote_folder
 from caprl_cli.inputs.manifests import is_manifest_name
 from caprl_cli.inputs.shards import is_shard_name

@@ -1,4 +1,4 @@
-"""Turn INPUT arguments into samples: which images exist and what each one is called.
+"""The sample: one image to caption, with the key that names it in every output, and image names.
 
 Listing never opens an image; it only decides keys (the path relative to the input root, POSIX, with
 extension) and sources. Keys are what later stages, outputs and resumed runs match on, so they must be
@@ -8,11 +8,9 @@ stable across runs and unique within one.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from caprl_cli.errors import ErrorKind, UsageError
+from caprl_cli.errors import ErrorKind
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -48,32 +46,3 @@ def image_ext(name: str) -> str:
 def is_hidden(name: str) -> bool:
     """Dot files, including macOS `._*` resource forks and `.DS_Store`, are never inputs."""
     return name.startswith(".")
-
-
-def walk_images(
-    root: Path, _seen: set[tuple[int, int]] | None = None, wanted: Callable[[str], bool] = is_image_name
-) -> Iterator[Path]:
-    """Yield the files under `root` whose name is `wanted` (images by default) in sorted order,
-    skipping hidden files and folders.
-
-    Symlinked folders are followed once each, so a link back to an ancestor cannot loop.
-    """
-    seen = set() if _seen is None else _seen
-    try:
-        info = root.stat()
-    except OSError as exc:
-        raise UsageError(f"cannot list {root}: {exc.strerror or exc}") from None
-    if (info.st_dev, info.st_ino) in seen:
-        return
-    seen.add((info.st_dev, info.st_ino))
-    try:
-        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    except OSError as exc:
-        raise UsageError(f"cannot list {root}: {exc.strerror or exc}") from None
-    for entry in entries:
-        if is_hidden(entry.name):
-            continue
-        if entry.is_dir(follow_symlinks=True):
-            yield from walk_images(Path(entry.path), seen, wanted)
-        elif entry.is_file(follow_symlinks=True) and wanted(entry.name):
-            yield Path(entry.path)

@@ -8,11 +8,22 @@ sees half a caption, and a symlinked `.txt` is never followed: at most the link 
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from caprl_cli.outputs.table import temp_path_for
+import pyarrow.compute as pc
+
+from caprl_cli.outputs.atomic import temp_path_for
+from caprl_cli.outputs.base import OutputTarget
+from caprl_cli.outputs.rows import STATUS_OK
+from caprl_cli.state.folder import RunState
+from caprl_cli.state.index import CommittedIndex
+
+log = logging.getLogger("caprl")
 
 
 class SidecarResult(str, Enum):
@@ -65,3 +76,38 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+class SidecarTarget(OutputTarget):
+    """`<image>.txt` beside each captioned image of a local folder; the state lives in `<folder>/.caprl`
+    where the folder is `-o` if given, else the first input folder."""
+
+    def default_state_dir(self) -> Path:
+        return Path(self.location) / ".caprl"
+
+    def summary_location(self) -> str:
+        return str(self.state_dir / "summary.json")
+
+    def exists(self) -> bool:
+        return False  # existing .txt files are handled one by one: kept unless --overwrite
+
+    def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
+        already = set(state.merged_parts() or [])
+        results: Counter[str] = Counter()
+        for table in index.latest_tables(["source", "caption", "status"], skip=already):
+            for row in table.filter(pc.equal(table["status"], STATUS_OK)).to_pylist():
+                if not Path(row["source"]).is_absolute() or not Path(row["source"]).is_file():
+                    results["not_local"] += 1  # an image from a URL or a manifest: nowhere to put a .txt
+                    continue
+                results[write_sidecar(row["source"], row["caption"] or "", self.options.overwrite).value] += 1
+        if results["not_local"]:
+            log.warning("wrote no .txt for %d images that are not local files", results["not_local"])
+        if results[SidecarResult.KEPT_EXISTING.value]:
+            log.warning(
+                "kept %d existing .txt files that differ from the new captions (pass --overwrite to replace them)",
+                results[SidecarResult.KEPT_EXISTING.value],
+            )
+        state.record_merge(index.parts)
+
+    def clear(self) -> None:
+        pass  # sidecar files are only replaced one by one, never removed wholesale

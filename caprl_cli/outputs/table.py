@@ -1,148 +1,97 @@
-"""Row writers, chosen by output format; each writes under a temporary name and commits atomically.
+"""Parquet and JSONL outputs: one file rebuilt from the committed parts, latest row per key, one atomic commit.
 
-Rows arrive in small groups as images finish, so memory stays flat however large the run; the output
-file only appears under its real name once it is complete (temp name, fsync, rename), so a reader
-never sees half a file.
+Parts are read one at a time, so merging a million rows needs memory for one part plus the key index.
+A key captioned again (`--retry-errors`) keeps only its newest row. When many small parts have piled
+up (a long run flushes every few seconds), the same pass also writes them as one compacted part and
+drops the small ones, so later resume scans read a few files instead of thousands.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from caprl_cli.outputs.base import OutputTarget, cache_state_dir
+from caprl_cli.outputs.row_writers import ParquetRowWriter, open_writer
+from caprl_cli.outputs.rows import COLUMNS
+from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, RunState, state_dir_for
+from caprl_cli.state.index import CommittedIndex
+from caprl_cli.state.parts import new_run_id
+from caprl_cli.storage import exists, local_path_of, remove, upload
 
-from caprl_cli.outputs.rows import COLUMNS, SCHEMA, Row
-
-PROVENANCE_KEY = "caprl"
-
-
-class RowWriter(Protocol):
-    """Where finished rows go. `commit` makes the output visible; `abort` removes the temp file."""
-
-    def write(self, rows: list[Row]) -> None: ...
-
-    def write_table(self, table: pa.Table) -> None: ...
-
-    def commit(self, provenance: dict[str, Any]) -> None: ...
-
-    def abort(self) -> None: ...
+# More committed parts than this are compacted into one while merging.
+COMPACT_ABOVE_PARTS = 64
 
 
-def rows_to_table(rows: list[Row], schema: pa.Schema = SCHEMA) -> pa.Table:
-    """Rows as an Arrow table with the contract's schema (or a part schema that extends it)."""
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def temp_path_for(path: Path) -> Path:
-    """A hidden sibling of `path`, so the final rename stays on one filesystem."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def fsync_rename(temp: Path, final: Path) -> None:
-    """Make `temp` durable, then atomically give it its final name."""
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-    directory = os.open(final.parent, os.O_RDONLY)
+def merge_output(
+    state: RunState, index: CommittedIndex, output_format: str, provenance: dict[str, Any], path: Path | None = None
+) -> None:
+    """Write the output file (`path`, default the state's output) from `index`'s parts and record which
+    parts it was built from."""
+    path = path or state.output
+    assert path is not None, "a merge needs an output file"
+    writer = open_writer(output_format, path)
+    compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
+    compacted = ParquetRowWriter(compacted_path) if compacted_path else None
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        for latest in index.latest_tables(list(COLUMNS)):
+            writer.write_table(latest)
+            if compacted is not None:
+                compacted.write_table(latest)
+        writer.commit(provenance)
+    except BaseException:
+        writer.abort()
+        if compacted is not None:
+            compacted.abort()
+        raise
+    if compacted is None or compacted_path is None:
+        state.record_merge(index.parts)
+        return
+    compacted.commit({"compacted_parts": len(index.parts)})
+    # The compacted part sorts after the parts it replaces and holds the same latest rows, so a crash
+    # before every old part is gone leaves nothing a later run could misread.
+    state.record_merge([compacted_path])
+    for part in index.parts:
+        part.unlink(missing_ok=True)
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write a JSON document so that readers see either the old one or the whole new one."""
-    temp = temp_path_for(path)
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    fsync_rename(temp, path)
+def compacted_part_path(state: RunState) -> Path:
+    """A part name that sorts after every part committed so far."""
+    return state.parts_dir / f"{PART_PREFIX}{new_run_id()}-compacted{PART_SUFFIX}"
 
 
-# Rows per row group: large enough for a small footer and fast scans, small enough (tens of MB of
-# captions) to keep memory flat.
-ROW_GROUP_ROWS = 16_384
-# Min/max statistics only where they help filtering; long text columns would bloat every footer.
-STATISTICS_COLUMNS = ["key", "status", "finish_reason", "prompt_tokens", "output_tokens", "width", "height", "model"]
+class FileTarget(OutputTarget):
+    """A single Parquet or JSONL file, rebuilt from the parts whenever they changed."""
 
+    def default_state_dir(self) -> Path:
+        path = local_path_of(self.location)
+        return state_dir_for(path) if path is not None else cache_state_dir(self.location)
 
-class ParquetRowWriter:
-    """Rows gathered into row groups of `row_group_rows`; provenance in the key-value metadata."""
+    @property
+    def local_file(self) -> Path | None:
+        return local_path_of(self.location)
 
-    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS, schema: pa.Schema = SCHEMA) -> None:
-        self.path = path
-        self.temp = temp_path_for(path)
-        self.row_group_rows = row_group_rows
-        self.schema = schema
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self._writer = pq.ParquetWriter(
-            self.temp, schema, compression="zstd", write_statistics=STATISTICS_COLUMNS
-        )
+    def summary_location(self) -> str:
+        return self.location + ".summary.json"
 
-    def write(self, rows: list[Row]) -> None:
-        if rows:
-            self.write_table(rows_to_table(rows))
+    def exists(self) -> bool:
+        return exists(self.location, self.storage_options)
 
-    def write_table(self, table: pa.Table) -> None:
-        if not table.num_rows:
+    def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
+        local = self.local_file
+        if local is not None:
+            merge_output(state, index, self.options.output_format, provenance, local)
             return
-        self._pending.append(table.select(self.schema.names).cast(self.schema))
-        self._pending_rows += table.num_rows
-        if self._pending_rows >= self.row_group_rows:
-            self._write_pending()
+        staged = state.dir / f"upload-{Path(self.location.rstrip('/')).name}"
+        merge_output(state, index, self.options.output_format, provenance, staged)
+        try:
+            upload(staged, self.location, self.storage_options)
+        except BaseException:
+            state.merged_path.unlink(missing_ok=True)  # not published: the next run must upload again
+            raise
+        finally:
+            staged.unlink(missing_ok=True)
 
-    def _write_pending(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_rows)
-            self._pending, self._pending_rows = [], 0
-
-    def commit(self, provenance: dict[str, Any]) -> None:
-        self._write_pending()
-        self._writer.add_key_value_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
-        self._writer.close()
-        fsync_rename(self.temp, self.path)
-
-    def abort(self) -> None:
-        self._writer.close()
-        self.temp.unlink(missing_ok=True)
-
-
-class JsonlRowWriter:
-    """One JSON object per line with the contract's columns, in contract order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.temp = temp_path_for(path)
-        self._handle = open(self.temp, "w", encoding="utf-8")
-
-    def write(self, rows: list[Row]) -> None:
-        for row in rows:
-            self._handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
-            self._handle.write("\n")
-        self._handle.flush()
-
-    def write_table(self, table: pa.Table) -> None:
-        for batch in table.select(list(COLUMNS)).to_batches(max_chunksize=4096):
-            self.write(batch.to_pylist())
-
-    def commit(self, provenance: dict[str, Any]) -> None:
-        self._handle.close()
-        fsync_rename(self.temp, self.path)
-
-    def abort(self) -> None:
-        self._handle.close()
-        self.temp.unlink(missing_ok=True)
-
-
-WRITERS: dict[str, type[ParquetRowWriter] | type[JsonlRowWriter]] = {
-    "parquet": ParquetRowWriter,
-    "jsonl": JsonlRowWriter,
-}
-
-
-def open_writer(output_format: str, path: Path) -> RowWriter:
-    """The writer for `output_format`."""
-    return WRITERS[output_format](path)
+    def clear(self) -> None:
+        for location in (self.location, self.summary_location()):
+            remove(location, self.storage_options)

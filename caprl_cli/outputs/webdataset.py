@@ -1,304 +1,175 @@
-"""Captions as WebDataset tar shards: `<key>.json` per row, `<key>.txt` and the original image per captioned one.
+"""WebDataset output: the committed rows published into numbered tar shards, incrementally.
 
-WebDataset groups tar members into samples by "directory plus basename up to the first dot", so caption
-keys (`sub/cat.jpg`) are escaped injectively into member keys first. Every shard is built under a hidden
-temporary name and only gets its real name once it holds all its samples, so a shard that exists under
-its real name is complete: a resumed run can trust it, and a reader never sees half a tar.
+Which shard holds each row is kept in the state (column `wds_shard` of the compacted part); the tar
+files themselves are written by `tar_shards`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import re
-import tarfile
-import tempfile
-import time
-from collections.abc import Iterable
-from contextlib import suppress
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from caprl_cli.errors import UsageError
-from caprl_cli.outputs.rows import COLUMNS, STATUS_OK, Row
-from caprl_cli.inputs.shards import split_member_name
-from caprl_cli.storage import filesystem, local_path_of, redact
-from caprl_cli.outputs.table import fsync_rename, temp_path_for
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-DEFAULT_SHARD_PATTERN = "%06d.tar"
-# One integer conversion (`%d` or zero-padded `%0Nd`, never space-padded), no other `%`, no folder, `.tar`.
-_PATTERN = re.compile(r"^([^%/]*)%(?:0[1-9]\d*)?d([^%/]*\.tar)$")
-# Members WebDataset skips as metadata when the name starts like this.
-_WDS_META = re.compile(r"^__[^/]*__/")
-_RESERVED_EXTS = frozenset({"json", "txt"})
+from caprl_cli.outputs.base import OutputOptions, OutputTarget, cache_state_dir
+from caprl_cli.outputs.row_writers import ParquetRowWriter
+from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
+from caprl_cli.outputs.table import compacted_part_path
+from caprl_cli.outputs.tar_shards import (
+    DEFAULT_SHARD_PATTERN,
+    ShardSetWriter,
+    existing_shard_numbers,
+    member_key,
+    remove_shards,
+    remove_stale_temporaries,
+    rewrite_without,
+    shard_name,
+    shard_number,
+    split_output_pattern,
+)
+from caprl_cli.state.folder import RunState
+from caprl_cli.state.index import CommittedIndex
+from caprl_cli.storage import local_path_of
 
-
-def member_key(key: str) -> str:
-    """`key` escaped so that WebDataset reads it back as one sample key; injective (it is %XX-decodable),
-    and keys that are already safe (`000123`, `dir.v2/000123`, `a/b/c`) stay as they are."""
-    if not key:
-        raise ValueError("an empty key has no member name")
-    # Escapes never contain "/" or ".", so the literal ones left are the real separators and dots.
-    parts = "".join(_escape_char(key, i) for i in range(len(key))).split("/")
-    last = len(parts) - 1
-    escaped = "/".join(
-        part.replace(".", "%2E") if index == last or part in (".", "..") else part for index, part in enumerate(parts)
-    )
-    return "%5F" + escaped[1:] if _WDS_META.match(escaped) else escaped
-
-
-def _escape_char(key: str, i: int) -> str:
-    ch = key[i]
-    if ch == "%" or ch == "\\" or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
-        return f"%{ord(ch):02X}"
-    if ch == "/" and (i == 0 or i == len(key) - 1 or key[i - 1] == "/"):
-        return "%2F"
-    return ch
+log = logging.getLogger("caprl")
 
 
-def validate_pattern(pattern: str) -> str:
-    """`pattern` if it names shards with exactly one `%d`/`%0Nd` and ends in `.tar`, else a UsageError."""
-    if not _PATTERN.match(pattern):
-        raise UsageError(
-            f"shard pattern {redact(pattern)!r} needs exactly one %d or %0Nd (e.g. {DEFAULT_SHARD_PATTERN}), "
-            "no other %, no folder, and must end in .tar"
+class ShardTarget(OutputTarget):
+    """WebDataset shards: each row once, published incrementally.
+
+    A run appends new shards for the rows no shard holds yet; rows that replace an earlier one
+    (`--retry-errors`) are dropped from the shard that held the old row. Which shard holds a row is
+    kept in the state (column `wds_shard` of the compacted part), and shards numbered past the last
+    one recorded are leftovers of a crash, removed before publishing again.
+    """
+
+    def __init__(self, location: str, options: OutputOptions) -> None:
+        super().__init__(location, options)
+        self.directory, self.pattern = split_output_pattern(location)
+
+    @property
+    def keeps_images(self) -> bool:
+        return self.options.with_images
+
+    @property
+    def tag(self) -> str:
+        """Names this pattern's state and summary, so two patterns can share a folder: empty for the
+        default pattern, else the pattern without `%` and `.tar` (`train-%05d.tar` -> `train-05d`)."""
+        return "" if self.pattern == DEFAULT_SHARD_PATTERN else self.pattern[: -len(".tar")].replace("%", "")
+
+    def default_state_dir(self) -> Path:
+        path = local_path_of(self.directory)
+        name = f".caprl-{self.tag}" if self.tag else ".caprl"
+        return path / name if path is not None else cache_state_dir(self.location)
+
+    def remove_stale_temporaries(self) -> None:
+        remove_stale_temporaries(self.directory, self.pattern, self.storage_options)
+
+    def is_own_file(self, path: Path) -> bool:
+        local = local_path_of(self.directory)
+        return (
+            local is not None
+            and path.parent.resolve() == local.resolve()
+            and shard_number(self.pattern, path.name) is not None
         )
-    return pattern
 
+    def summary_location(self) -> str:
+        name = f"{self.tag}.summary.json" if self.tag else "summary.json"
+        return self.directory.rstrip("/") + "/" + name
 
-def shard_name(pattern: str, number: int) -> str:
-    """The file name of shard `number`: `"%06d.tar"` -> `000042.tar`."""
-    return pattern % number
+    def exists(self) -> bool:
+        return bool(self.numbers())
 
+    def numbers(self) -> list[int]:
+        return existing_shard_numbers(self.directory, self.pattern, self.storage_options)
 
-def split_output_pattern(output: str) -> tuple[str, str]:
-    """`-o` as (directory, shard pattern): a folder (or anything ending in `/`) gets the default pattern; a
-    last component with `%` or ending in `.tar` is the pattern itself, validated."""
-    head, sep, last = output.rpartition("/")
-    if output.endswith("/") or ("%" not in last and not last.endswith(".tar")):
-        return output.rstrip("/") or output, DEFAULT_SHARD_PATTERN
-    validate_pattern(last)
-    if not sep:
-        return ".", last
-    return (head + "/" if head.endswith(":/") or not head else head), last
-
-
-@dataclass(frozen=True)
-class _Place:
-    """A shard folder: a local path, or an fsspec filesystem and the path inside it."""
-
-    local: Path | None
-    fs: Any = None
-    root: str = ""
-
-    @classmethod
-    def of(cls, directory: str, options: dict | None) -> _Place:
-        local = local_path_of(directory)
-        if local is not None:
-            return cls(local)
-        fs, root = filesystem(directory, options)
-        return cls(None, fs, root.rstrip("/"))
-
-    def makedirs(self) -> None:
-        if self.local is not None:
-            self.local.mkdir(parents=True, exist_ok=True)
-        else:
-            self.fs.makedirs(self.root, exist_ok=True)
-
-    def names(self) -> list[str]:
+    def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
+        exported = exported_shards(index)
+        next_number = max(exported.values(), default=-1) + 1
+        present = self.numbers()
+        missing = set(exported.values()) - set(present)
+        if missing:  # deleted by hand: their images are no longer in the state to write them again
+            log.warning(
+                "%d shards that hold published rows are missing from %s; pass --overwrite to start over",
+                len(missing),
+                self.label,
+            )
+        leftovers = [number for number in present if number >= next_number]
+        remove_shards(self.directory, self.pattern, leftovers, self.storage_options)
+        writer = ShardSetWriter(
+            self.directory,
+            self.pattern,
+            first_number=next_number,
+            shard_size=self.options.shard_size,
+            with_images=self.options.with_images,
+            storage_options=self.storage_options,
+        )
+        compacted = ParquetRowWriter(compacted_part_path(state), schema=COMPACTED_SCHEMA)
+        stale_keys: dict[int, set[str]] = {}
+        written = 0
         try:
-            if self.local is not None:
-                return os.listdir(self.local)
-            return [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False)]
-        except FileNotFoundError:
-            return []
-
-    def build_path(self, name: str) -> Path:
-        """Where shard `name` is built: a hidden sibling locally, a local temporary file otherwise."""
-        if self.local is not None:
-            return temp_path_for(self.local / name)
-        handle, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp")
-        os.close(handle)
-        return Path(path)
-
-    def commit(self, built: Path, name: str) -> None:
-        """Give the finished file `built` its real name, atomically (put to a hidden name, then mv)."""
-        if self.local is not None:
-            fsync_rename(built, self.local / name)
-            return
-        remote_temp = f"{self.root}/.{name}.{os.getpid()}.tmp"
-        try:
-            self.fs.put(str(built), remote_temp)
-            self.fs.mv(remote_temp, f"{self.root}/{name}")
+            # Captioned samples first, error samples after them: readers that infer a layout from the
+            # first samples (datasets' webdataset builder) then see image, .txt and .json.
+            for captioned in (True, False):
+                for table in latest_of_status(index, captioned):
+                    has_exported = EXPORTED_SHARD in table.column_names
+                    numbers = table[EXPORTED_SHARD].to_pylist() if has_exported else [None] * table.num_rows
+                    has_images = "image" in table.column_names
+                    for i, row in enumerate(table.select(list(SCHEMA.names)).to_pylist()):
+                        if numbers[i] is not None:
+                            continue
+                        old = exported.get(row["key"])
+                        if old is not None:
+                            stale_keys.setdefault(old, set()).add(member_key(row["key"]))
+                        image = table["image"][i].as_py() if has_images else None
+                        ext = table["image_ext"][i].as_py() if has_images else None
+                        writer.add(row, image, ext)
+                        numbers[i] = next_number + written // self.options.shard_size
+                        written += 1
+                    compacted.write_table(
+                        table.select(list(SCHEMA.names)).append_column(EXPORTED_SHARD, pa.array(numbers, pa.int32()))
+                    )
+            writer.close()
+            for number, keys in sorted(stale_keys.items()):
+                rewrite_without(self.directory, shard_name(self.pattern, number), keys, self.storage_options)
+            compacted.commit({"exported_rows": written})
         except BaseException:
-            self._remove_path(remote_temp)
+            writer.abort()
+            compacted.abort()
             raise
-        finally:
-            built.unlink(missing_ok=True)
+        state.record_merge([compacted.path])
+        for part in index.parts:
+            part.unlink(missing_ok=True)
+        log.debug("published %d rows into WebDataset shards", written)
 
-    def remove(self, name: str) -> None:
-        if self.local is not None:
-            (self.local / name).unlink(missing_ok=True)
-        else:
-            self._remove_path(f"{self.root}/{name}")
-
-    def _remove_path(self, path: str) -> None:
-        with suppress(FileNotFoundError):
-            self.fs.rm(path)
-
-    def open(self, name: str) -> IO[bytes]:
-        return open(self.local / name, "rb") if self.local is not None else self.fs.open(f"{self.root}/{name}", "rb")
+    def clear(self) -> None:
+        remove_shards(self.directory, self.pattern, self.numbers(), self.storage_options)
 
 
-def _member(name: str, data: bytes, mtime: int) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, mtime
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
+COMPACTED_SCHEMA = SCHEMA.append(pa.field(EXPORTED_SHARD, pa.int32()))
+IMAGE_COLUMN_NAMES = {field.name for field in IMAGE_COLUMNS}
 
 
-def row_json(row: Row) -> dict[str, Any]:
-    """The row as a JSON object in contract order, `meta` parsed (text that is not JSON stays text)."""
-    document = {name: row.get(name) for name in COLUMNS}
-    if isinstance(document["meta"], str):
-        try:
-            document["meta"] = json.loads(document["meta"])
-        except ValueError:
-            pass
-    return document
+def latest_of_status(index: CommittedIndex, captioned: bool) -> Iterator[pa.Table]:
+    """Per part, the latest rows of their keys that are captioned (or errors), with every column the
+    part has (image bytes only for captioned rows: error rows never carry an image)."""
+    for table in index.latest_tables(drop=() if captioned else IMAGE_COLUMN_NAMES):
+        ok = pc.equal(table["status"], STATUS_OK)
+        yield table.filter(ok if captioned else pc.invert(ok))
 
 
-def _image_ext(image_ext: str | None) -> str:
-    ext = (image_ext or "jpg").lstrip(".").lower()
-    if ext in _RESERVED_EXTS or not re.fullmatch(r"[a-z0-9]+", ext):
-        raise ValueError(f"unusable image extension {image_ext!r}")
-    return ext
-
-
-class ShardSetWriter:
-    """Samples into shards of `shard_size`, numbered from `first_number`; each appears only when whole."""
-
-    def __init__(
-        self, directory: str, pattern: str, *, first_number: int, shard_size: int, with_images: bool,
-        storage_options: dict | None = None,
-    ) -> None:
-        if shard_size < 1:
-            raise UsageError(f"shard size must be at least 1, got {shard_size}")
-        self.pattern = validate_pattern(pattern)
-        self.shard_size, self.with_images = shard_size, with_images
-        self.mtime = int(time.time())
-        self._place = _Place.of(directory, storage_options)
-        self._place.makedirs()
-        self._number = first_number
-        self._written: list[str] = []
-        self._tar: tarfile.TarFile | None = None
-        self._built: Path | None = None
-        self._samples = 0
-
-    def add(self, row: Row, image: bytes | None, image_ext: str | None) -> None:
-        """Append one row (and, for a captioned row with `with_images`, its original image bytes)."""
-        key = member_key(row["key"])
-        members = [(f"{key}.json", json.dumps(row_json(row), ensure_ascii=False).encode("utf-8"))]
-        if row.get("status") == STATUS_OK:
-            members.append((f"{key}.txt", (row.get("caption") or "").encode("utf-8")))
-            if self.with_images and image is not None:
-                members.append((f"{key}.{_image_ext(image_ext)}", image))
-        tar = self._open_shard()
-        for name, data in members:
-            tar.addfile(*_member(name, data, self.mtime))
-        self._samples += 1
-        if self._samples >= self.shard_size:
-            self._finish_shard()
-
-    def close(self) -> list[str]:
-        """Finish the last, partial shard; the names of all shards written, in order."""
-        if self._tar is not None:
-            self._finish_shard()
-        return list(self._written)
-
-    def abort(self) -> None:
-        """Drop the shard under construction; finished shards stay (they are whole)."""
-        if self._tar is not None:
-            self._tar.close()
-        if self._built is not None:
-            self._built.unlink(missing_ok=True)
-        self._tar, self._built, self._samples = None, None, 0
-
-    def _open_shard(self) -> tarfile.TarFile:
-        if self._tar is None:
-            self._built = self._place.build_path(shard_name(self.pattern, self._number))
-            self._tar = tarfile.open(self._built, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")  # noqa: SIM115
-        return self._tar
-
-    def _finish_shard(self) -> None:
-        assert self._tar is not None and self._built is not None
-        name = shard_name(self.pattern, self._number)
-        self._tar.close()
-        self._place.commit(self._built, name)
-        self._written.append(name)
-        self._tar, self._built, self._samples = None, None, 0
-        self._number += 1
-
-
-def shard_number(pattern: str, name: str) -> int | None:
-    """The number of the shard `name` if `pattern` gives exactly that name, else None."""
-    prefix, suffix = _PATTERN.match(validate_pattern(pattern)).groups()  # type: ignore[union-attr]
-    match = re.fullmatch(re.escape(prefix) + r"(\d+)" + re.escape(suffix), name)
-    if match and shard_name(pattern, int(match.group(1))) == name:
-        return int(match.group(1))
-    return None
-
-
-def existing_shard_numbers(directory: str, pattern: str, storage_options: dict | None = None) -> list[int]:
-    """Sorted numbers of the finished shards in `directory` whose names `pattern` gives exactly."""
-    names = _Place.of(directory, storage_options).names()
-    return sorted(number for number in (shard_number(pattern, name) for name in names) if number is not None)
-
-
-def remove_stale_temporaries(directory: str, pattern: str, storage_options: dict | None = None) -> int:
-    """Delete the hidden `.<shard>.<pid>.tmp` files a killed run left (only called under the run's lock)."""
-    temporary = re.compile(r"\.(.+)\.\d+\.tmp")
-    place = _Place.of(directory, storage_options)
-    stale = [
-        name for name in place.names()
-        if (found := temporary.fullmatch(name)) and shard_number(pattern, found.group(1)) is not None
-    ]
-    for name in stale:
-        place.remove(name)
-    return len(stale)
-
-
-def remove_shards(directory: str, pattern: str, numbers: Iterable[int], storage_options: dict | None = None) -> None:
-    """Delete the given shards; missing ones are fine."""
-    validate_pattern(pattern)
-    place = _Place.of(directory, storage_options)
-    for number in numbers:
-        place.remove(shard_name(pattern, number))
-
-
-def rewrite_without(directory: str, name: str, member_keys: set[str], storage_options: dict | None = None) -> int:
-    """Rewrite finished shard `name` without the samples whose (escaped) keys are in `member_keys`,
-    atomically; the number of samples dropped (0: the shard is left untouched)."""
-    place = _Place.of(directory, storage_options)
-    dropped: set[str] = set()
-    built = place.build_path(name)
-    try:
-        with (
-            place.open(name) as source,
-            tarfile.open(fileobj=source, mode="r:") as old,
-            tarfile.open(built, "w", format=tarfile.PAX_FORMAT, encoding="utf-8") as new,
-        ):
-            for info in old:
-                split = split_member_name(info.name)
-                if split is not None and split[0] in member_keys:
-                    dropped.add(split[0])
-                else:
-                    new.addfile(info, old.extractfile(info) if info.isreg() else None)
-        if dropped:
-            place.commit(built, name)
-    finally:
-        built.unlink(missing_ok=True)
-    return len(dropped)
+def exported_shards(index: CommittedIndex) -> dict[str, int]:
+    """Key -> the shard that holds its row, for every row already published into a shard."""
+    found: dict[str, int] = {}
+    for part in index.parts:
+        with pq.ParquetFile(part) as parquet:
+            if EXPORTED_SHARD not in parquet.schema_arrow.names:
+                continue
+            table = parquet.read(columns=["key", EXPORTED_SHARD])
+        table = table.filter(pc.is_valid(table[EXPORTED_SHARD]))
+        found.update(zip(table["key"].to_pylist(), table[EXPORTED_SHARD].to_pylist(), strict=True))
+    return found

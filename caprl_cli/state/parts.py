@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from caprl_cli.outputs.rows import SCHEMA, Row
 from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, TEMP_SUFFIX
-from caprl_cli.outputs.table import fsync_rename, rows_to_table
+from caprl_cli.outputs.atomic import fsync_rename
+from caprl_cli.outputs.row_writers import rows_to_table
 
 DEFAULT_FLUSH_ROWS = 1000
 DEFAULT_FLUSH_SECONDS = 5.0

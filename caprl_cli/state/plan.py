@@ -22,7 +22,7 @@ from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.inputs.manifests import manifest_samples
 from caprl_cli.outputs.rows import Row, error_kind_of
-from caprl_cli.state.folder import CommittedIndex
+from caprl_cli.state.index import CommittedIndex
 from caprl_cli.inputs.shards import read_shard
 from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef
 from caprl_cli.storage import open_input, redact

@@ -1,0 +1,124 @@
+"""Row writers, chosen by output format; each writes under a temporary name and commits atomically.
+
+Rows arrive in small groups as images finish, so memory stays flat however large the run; the output
+file only appears under its real name once it is complete (temp name, fsync, rename), so a reader
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from caprl_cli.outputs.atomic import fsync_rename, temp_path_for
+from caprl_cli.outputs.rows import COLUMNS, SCHEMA, Row
+
+PROVENANCE_KEY = "caprl"
+
+
+class RowWriter(Protocol):
+    """Where finished rows go. `commit` makes the output visible; `abort` removes the temp file."""
+
+    def write(self, rows: list[Row]) -> None: ...
+
+    def write_table(self, table: pa.Table) -> None: ...
+
+    def commit(self, provenance: dict[str, Any]) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def rows_to_table(rows: list[Row], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """Rows as an Arrow table with the contract's schema (or a part schema that extends it)."""
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+# Rows per row group: large enough for a small footer and fast scans, small enough (tens of MB of
+# captions) to keep memory flat.
+ROW_GROUP_ROWS = 16_384
+# Min/max statistics only where they help filtering; long text columns would bloat every footer.
+STATISTICS_COLUMNS = ["key", "status", "finish_reason", "prompt_tokens", "output_tokens", "width", "height", "model"]
+
+
+class ParquetRowWriter:
+    """Rows gathered into row groups of `row_group_rows`; provenance in the key-value metadata."""
+
+    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS, schema: pa.Schema = SCHEMA) -> None:
+        self.path = path
+        self.temp = temp_path_for(path)
+        self.row_group_rows = row_group_rows
+        self.schema = schema
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer = pq.ParquetWriter(
+            self.temp, schema, compression="zstd", write_statistics=STATISTICS_COLUMNS
+        )
+
+    def write(self, rows: list[Row]) -> None:
+        if rows:
+            self.write_table(rows_to_table(rows))
+
+    def write_table(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._pending.append(table.select(self.schema.names).cast(self.schema))
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_rows)
+            self._pending, self._pending_rows = [], 0
+
+    def commit(self, provenance: dict[str, Any]) -> None:
+        self._write_pending()
+        self._writer.add_key_value_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+        self._writer.close()
+        fsync_rename(self.temp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.temp.unlink(missing_ok=True)
+
+
+class JsonlRowWriter:
+    """One JSON object per line with the contract's columns, in contract order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp = temp_path_for(path)
+        self._handle = open(self.temp, "w", encoding="utf-8")
+
+    def write(self, rows: list[Row]) -> None:
+        for row in rows:
+            self._handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
+            self._handle.write("\n")
+        self._handle.flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        for batch in table.select(list(COLUMNS)).to_batches(max_chunksize=4096):
+            self.write(batch.to_pylist())
+
+    def commit(self, provenance: dict[str, Any]) -> None:
+        self._handle.close()
+        fsync_rename(self.temp, self.path)
+
+    def abort(self) -> None:
+        self._handle.close()
+        self.temp.unlink(missing_ok=True)
+
+
+WRITERS: dict[str, type[ParquetRowWriter] | type[JsonlRowWriter]] = {
+    "parquet": ParquetRowWriter,
+    "jsonl": JsonlRowWriter,
+}
+
+
+def open_writer(output_format: str, path: Path) -> RowWriter:
+    """The writer for `output_format`."""
+    return WRITERS[output_format](path)
