@@ -83,8 +83,10 @@ def cli() -> None:
 @option("--batch-size", default=None, type=int, help="Images decoded together (vLLM: max concurrent sequences; transformers: generate batch, default 8).")
 @option("--workers", default=None, type=int, help="Image preprocessing processes; default: CPU cores - 1, at most 8.")
 @option("--limit", default=None, type=int, help="Caption at most N images this run (the first not yet done, in key order).")
-@option("--overwrite", is_flag=True, default=False, help="Start over: forget what the output holds.")
+@option("--overwrite", is_flag=True, default=False, help="Start over: forget what the output holds (checked first; the old output stays until the new one is published).")
+@option("--replace-sidecars", is_flag=True, default=False, help="--format sidecar: replace existing .txt files that differ from the captions (default: keep them).")
 @option("--retry-errors", is_flag=True, default=False, help="Caption error rows again and replace them.")
+@option("--retries", default=3, show_default=True, type=int, help="Try a remote read that failed transiently (timeout, reset, 429/5xx) this many more times, with growing pauses; 0: never.")
 @option("--wait", is_flag=True, default=False, help="If another run holds the output, wait for it instead of exiting 75.")
 @option("--max-runtime", default=None, help="Stop cleanly before this much time has passed (90s, 30m, 6h, 1h30m); exit 3 if work remains.")
 @option("--flush-every", default=1000, show_default=True, type=int, help="Commit a part every N rows (and at least every 5 s).")
@@ -144,6 +146,11 @@ def describe_run(report: Any) -> str:
     if run.errors:
         by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(run.errors_by_kind.items()))
         what += f"; {run.errors} error rows ({by_kind})"
+    if plan.changed:
+        what += f"; {plan.changed} changed since captioned (captioned again)"
+    if plan.conflicts:
+        noun = "key conflict" if plan.conflicts == 1 else "key conflicts"
+        what += f"; {plan.conflicts} {noun}: a different image under a committed key (conflict rows)"
     totals = report.totals
     what += f"; the output holds {totals['images']} rows ({totals['error']} errors)"
     if report.stop_reason is not None:
@@ -165,6 +172,10 @@ def describe_run(report: Any) -> str:
 @click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
 @click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs.")
+@click.option("--files-from", default=None, help="Also count the paths or URLs listed in this file, one a line ('-': stdin), as caption was given.")
+@click.option("--image-column", default=None, help="Manifest column naming each image, as caption was given.")
+@click.option("--image-root", default=None, help="Folder or URL that relative manifest paths are under, as caption was given.")
+@click.option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="As caption was given.")
 def status(
     output: str,
     inputs: tuple[str, ...],
@@ -172,14 +183,38 @@ def status(
     output_format: str | None,
     state_dir: Path | None,
     storage_options: tuple[str, ...],
+    files_from: str | None,
+    image_column: str | None,
+    image_root: str | None,
+    keep_meta: bool,
 ) -> int:
-    """How far captioning into OUTPUT has come; with INPUTs, how many images remain and an ETA."""
+    """How far captioning into OUTPUT has come; with INPUTs (and the input options caption was given),
+    how many images remain and an ETA."""
     import json
 
+    from caprl_cli.inputs.resolve import InputOptions
     from caprl_cli.status import format_status, output_status
 
-    found = output_status(output, list(inputs), output_format, state_dir, parse_storage_options(storage_options))
+    reading = InputOptions(files_from=files_from, image_column=image_column, image_root=image_root, keep_meta=keep_meta)
+    found = output_status(
+        output, list(inputs), output_format, state_dir, parse_storage_options(storage_options), reading=reading
+    )
     click.echo(json.dumps(found, indent=2) if as_json else format_status(found))
+    return exit_codes.FAILED if found["damaged_parts"] else exit_codes.OK
+
+
+@cli.command()
+@click.argument("output")
+@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
+@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for a remote output.")
+def repair(output: str, output_format: str | None, state_dir: Path | None, storage_options: tuple[str, ...]) -> int:
+    """Rebuild a damaged state from the published OUTPUT: unreadable parts go to <state>/unreadable/,
+    the rows OUTPUT holds become the oldest part, and rows committed since its last merge stay."""
+    from caprl_cli.state.repair import repair_state
+
+    report = repair_state(output, output_format, state_dir, parse_storage_options(storage_options))
+    click.echo(f"caprl: {report}", err=True)
     return exit_codes.OK
 
 

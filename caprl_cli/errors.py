@@ -23,6 +23,10 @@ class ErrorKind(str, Enum):
     SHARD = "shard"  # a tar shard is damaged, or one of its samples is malformed (no image, duplicates)
     UNSAFE = "unsafe"  # a shard member that could escape a folder or is no plain file: never read
     MANIFEST = "manifest"  # a manifest line or row that names no image
+    CONFLICT = "conflict"  # a different image under a key already committed from another source
+    # A remote read still failing transiently after --retries (timeout, reset, 429/5xx, expired
+    # credentials): not final, the next plain run tries it again and its row replaces this one.
+    UNAVAILABLE = "unavailable"
 
 
 class CaprlError(Exception):
@@ -45,6 +49,11 @@ class OutputLocked(CaprlError):
 
 class StateError(CaprlError):
     """The state folder cannot be trusted (an unreadable part): exit code 1 before anything changes."""
+
+
+class ModelUnavailable(CaprlError):
+    """The model could not be fetched (offline and not cached, the hub unreachable, no access): exit
+    code 1, since it may well work later; the run's committed parts are kept."""
 
 
 class EngineStartError(CaprlError):

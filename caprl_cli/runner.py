@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from caprl_cli.errors import UsageError
+from caprl_cli.errors import CaprlError, UsageError
 from caprl_cli.execute.local import RunOutcome, caption_plan
 from caprl_cli.execute.stopping import Stopper, StopReason
 from caprl_cli.inputs.prefetch import Prefetcher
@@ -20,9 +20,9 @@ from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
 from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions, OutputTarget
 from caprl_cli.outputs.provenance import ModelFacts, RunCounts, build_provenance, totals_of, utc_now
-from caprl_cli.outputs.rows import PART_SCHEMA_WITH_IMAGES, SCHEMA
+from caprl_cli.outputs.rows import PART_SCHEMA, PART_SCHEMA_WITH_IMAGES, withdrawal_row
 from caprl_cli.settings import CaptionSettings
-from caprl_cli.state.fingerprint import fingerprint_changes, fingerprint_of
+from caprl_cli.state.fingerprint import fingerprint_changes, fingerprint_of, unrecorded
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.state.plan import Plan, peek, plan_run
@@ -45,8 +45,10 @@ class RunReport:
     stop_reason: StopReason | None
 
 
-def check_fingerprint(state: RunState, settings: CaptionSettings, target: OutputTarget) -> None:
-    """Refuse to add captions made with other settings to an output; record them on a first run."""
+def check_fingerprint(state: RunState, settings: CaptionSettings, target: OutputTarget) -> dict | None:
+    """Refuse to add captions made with other settings to an output. Returns the fingerprint to record
+    once every other check has passed (a first run, or settings an older state never recorded), else None:
+    a refused run changes nothing."""
     current = fingerprint_of(settings)
     stored = state.stored_fingerprint()
     if stored is None:
@@ -54,20 +56,27 @@ def check_fingerprint(state: RunState, settings: CaptionSettings, target: Output
             raise UsageError(
                 f"{target.label} exists but has no caprl state folder ({state.dir}); pass --overwrite to replace it"
             )
-        state.create()
-        state.write_fingerprint(current)
-        return
+        return current
     changed = fingerprint_changes(stored, current)
     if changed and not state.part_paths() and not target.exists():
         # Nothing was ever committed under the old settings (a first run that failed early, say):
         # there are no captions to protect, so the new settings simply take over.
-        state.write_fingerprint(current)
-        return
+        return current
     if changed:
         raise UsageError(
             f"{target.label} was captioned with other settings ({', '.join(changed)} changed); "
             "run with the same settings to continue, or pass --overwrite to start over"
         )
+    if unrecorded(stored, current):  # written by a caprl that did not record them yet: record them now
+        return {**current, **stored}
+    return None
+
+
+def start_over(state: RunState, settings: CaptionSettings) -> None:
+    """--overwrite, once every check has passed: forget the state in one swap. The published output is
+    left in place for this run's publish to replace atomically (WebDataset: shards numbered past what
+    the new state records are removed then), so a kill at any instant leaves the old output or the new."""
+    state.start_over(fingerprint_of(settings))
 
 
 def finish(
@@ -122,7 +131,7 @@ def output_target(settings: CaptionSettings) -> OutputTarget:
             with_images=settings.images,
             state_dir=settings.state_dir,
             storage_options=settings.storage_options,
-            overwrite=settings.overwrite,
+            replace_sidecars=settings.replace_sidecars,
         ),
     )
 
@@ -147,25 +156,44 @@ def check_sidecar_inputs(settings: CaptionSettings, inputs: InputSet) -> None:
         raise UsageError("--format sidecar writes .txt files beside local images; shards and URLs have none")
 
 
+def commit_withdrawals(state: RunState, run_id: str, plan: Plan, model: str, keeps_images: bool) -> None:
+    """Withdraw the placeholder rows (`<shard>@0`, `<manifest>@<line>`) of streams this run read to
+    the end, in a part of their own: after the run's rows, and before the shards are recorded
+    finished, so a crash in between only means the stream is read again."""
+    if not plan.withdrawn:
+        return
+    schema = PART_SCHEMA_WITH_IMAGES if keeps_images else PART_SCHEMA
+    parts = PartWriter(state.parts_dir, f"{run_id}-withdrawn", schema=schema)
+    try:
+        for key, source in plan.withdrawn:
+            parts.add(withdrawal_row(key=key, source=source, model=model))
+    finally:
+        parts.close()
+
+
 def run_caption(settings: CaptionSettings) -> RunReport:
     """Caption what the output does not hold yet; the output is published atomically at the end."""
     started_at, started = utc_now(), time.monotonic()
     target = output_target(settings)
     state = RunState(target.local_file, state_dir=target.state_dir, label=target.label)
+    target.check_place(state)
     new_state = not state.dir.exists()
     state.acquire(wait=settings.wait)
     stopper = Stopper(settings.max_runtime, started)
     stopper.install()
     try:
-        if settings.overwrite:
-            state.clear()
-            target.clear()
         state.remove_stale_temporaries()
         target.remove_stale_temporaries()
-        check_fingerprint(state, settings, target)
+        to_record = None if settings.overwrite else check_fingerprint(state, settings, target)
         options = input_options(settings, target)
         inputs = resolve_inputs(list(settings.inputs), options)
         check_sidecar_inputs(settings, inputs)
+        # Every check has passed: only now does the state change.
+        if settings.overwrite:
+            start_over(state, settings)
+        elif to_record is not None:
+            state.create()
+            state.write_fingerprint(to_record)
         if not inputs.listed and not inputs.streams:
             log.warning("no images found in %s", ", ".join(settings.inputs))
         plan = plan_run(
@@ -175,6 +203,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             limit=settings.limit,
             finished_shards=state.finished_shards(),
             options=options,
+            retries=settings.retries,
         )
         run_id = new_run_id()
         outcome = RunOutcome(RunCounts(), 0.0, last_facts(state))
@@ -184,7 +213,7 @@ def run_caption(settings: CaptionSettings) -> RunReport:
             if plan.already_done and not plan.shards and not plan.manifests:
                 log.info("%d images are already in %s", plan.already_done, target.label)
             if first is not None:
-                schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else SCHEMA
+                schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else PART_SCHEMA
                 parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every, schema=schema)
                 try:
                     outcome = caption_plan(settings, plan, samples, parts, stopper, target.keeps_images)
@@ -192,10 +221,11 @@ def run_caption(settings: CaptionSettings) -> RunReport:
                     parts.close()
         finally:
             reader.close()
+        commit_withdrawals(state, run_id, plan, settings.model, target.keeps_images)
         state.record_finished_shards(run_id, plan.completed_shards())
         return finish(settings, state, target, run_id, (started_at, started), plan, outcome, stopper.reason)
-    except UsageError:
-        if new_state and not state.part_paths():  # refused before anything was committed: no trace
+    except CaprlError:
+        if new_state and not state.part_paths():  # stopped before anything was committed: no trace
             shutil.rmtree(state.dir, ignore_errors=True)
         raise
     finally:

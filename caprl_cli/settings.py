@@ -54,8 +54,10 @@ class CaptionSettings:
     batch_size: int | None = None
     workers: int = field(default_factory=lambda: default_workers())
     limit: int | None = None
-    overwrite: bool = False
+    overwrite: bool = False  # start over: forget the state (never clobbers sidecar .txt files)
+    replace_sidecars: bool = False  # sidecar: replace existing .txt files that differ from the caption
     retry_errors: bool = False
+    retries: int = 3  # further tries of a remote read that failed transiently (not fingerprinted)
     wait: bool = False
     max_runtime: float | None = None
     flush_every: int = 1000
@@ -81,15 +83,41 @@ def default_workers() -> int:
 
 def output_format_for(output: str | Path | None, requested: str | None) -> str:
     """`--format` if given, else the output's name: `.parquet`, `.jsonl`, and for WebDataset shards a
-    pattern (`out-%06d.tar`) or a folder (an existing one, or a name ending in `/`)."""
-    if requested:
-        return requested.lower()
+    pattern (`out-%06d.tar`) or a folder (an existing one, or a name ending in `/`).
+
+    A `--format` the name contradicts is refused, so one name never holds two formats: a `.parquet`
+    or `.jsonl` name holds that format, a shard pattern holds shards, and a trailing `/` names a folder.
+    """
     if output is None:
+        if requested:
+            return requested.lower()
         raise UsageError("missing option -o/--output (only --format sidecar writes without one)")
-    name = str(output).rstrip("/").rsplit("/", 1)[-1]
+    text = str(output)
+    is_folder = text.endswith("/")
+    name = text.rstrip("/").rsplit("/", 1)[-1]
     suffix = os.path.splitext(name)[1].lower()
-    found = _FORMAT_BY_SUFFIX.get(suffix)
-    if found is None and ((suffix == ".tar" and "%" in name) or str(output).endswith("/") or Path(output).is_dir()):
+    by_suffix = _FORMAT_BY_SUFFIX.get(suffix)
+    is_pattern = suffix == ".tar" and "%" in name
+    if requested:
+        requested = requested.lower()
+        file_format = requested in _FORMAT_BY_SUFFIX.values()
+        names = None
+        if is_folder and file_format:
+            names = "a folder (it ends in /)"
+        elif is_pattern and requested != "webdataset":
+            names = "WebDataset shards"
+        elif by_suffix and not is_folder and requested != by_suffix:
+            names = f"a {by_suffix} file"
+        if names:
+            raise UsageError(f"--format {requested} contradicts the output {text!r}, which names {names}")
+        return requested
+    if by_suffix and is_folder:
+        raise UsageError(
+            f"the output {text!r} ends in / (a folder) but its name says {by_suffix}: drop the / for a "
+            f"{by_suffix} file, or pass --format webdataset for a folder of shards"
+        )
+    found = by_suffix
+    if found is None and (is_pattern or is_folder or Path(output).is_dir()):
         found = "webdataset"
     if found is None:
         raise UsageError(
@@ -115,6 +143,7 @@ def validate_settings(settings: CaptionSettings) -> None:
         (settings.max_model_len is None or settings.max_model_len >= 1, "--max-model-len must be at least 1"),
         (settings.seed >= 0, "--seed must not be negative"),
         (settings.flush_every >= 1, "--flush-every must be at least 1"),
+        (settings.retries >= 0, "--retries must not be negative"),
         (settings.shard_size >= 1, "--shard-size must be at least 1"),
         (settings.output is not None or settings.output_format == "sidecar", "missing option -o/--output"),
         (settings.max_runtime is None or settings.max_runtime > 0, "--max-runtime must be positive"),
@@ -133,6 +162,8 @@ def validate_settings(settings: CaptionSettings) -> None:
         check_output_writable(local)
     if settings.output_format != "webdataset" and not settings.images:
         raise UsageError("--no-images only applies to --format webdataset")
+    if settings.output_format != "sidecar" and settings.replace_sidecars:
+        raise UsageError("--replace-sidecars only applies to --format sidecar")
 
 
 def parse_duration(text: str) -> float:

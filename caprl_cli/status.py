@@ -1,11 +1,15 @@
 """`caprl status OUTPUT`: how far a run has come, from the state folder alone (no model, no lock).
 
-Readable while a run is writing, since parts only ever appear complete. With INPUTs, tar shards that
-no run has finished and manifests are read to count what remains.
+Status only reads: it creates, renames and deletes nothing, so it is safe beside a running job. Parts
+only ever appear complete; one that a merging run removed between listing and reading is met by
+listing again. An unreadable part is reported (and makes the exit code 1), never moved. With INPUTs,
+tar shards that no run has finished and manifests are read to count what remains.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,8 @@ from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.state.plan import plan_run
 from caprl_cli.execute.progress import format_duration
-from caprl_cli.state.folder import RunState
+from caprl_cli.state.folder import PartsChanged, RunState
+from caprl_cli.state.index import CommittedIndex
 from caprl_cli.settings import output_format_for
 from caprl_cli.inputs.resolve import InputOptions, resolve_inputs
 from caprl_cli.storage import StorageOptions
@@ -37,17 +42,21 @@ def output_status(
     output_format: str | None = None,
     state_dir: Path | None = None,
     storage_options: StorageOptions | None = None,
+    reading: InputOptions | None = None,
 ) -> dict[str, Any]:
-    """done, ok, errors (and by kind), remaining (None without inputs), last run, images/s, ETA."""
+    """done, ok, errors (and by kind), remaining (None without inputs), last run, images/s, ETA.
+
+    `reading` says how inputs are read (`--files-from`, `--image-column`, `--image-root`,
+    `--keep-meta`), exactly as the caption run was told, so `remaining` counts the same images."""
     state = RunState(None, state_dir=state_dir_of(str(output), output_format, state_dir), label=str(output))
     if not state.exists():
         raise UsageError(f"no caprl run has written {output} (no state folder {state.dir})")
-    index = state.committed()
+    index, damaged = read_committed(state)
     errors_by_kind = index.error_counts()
     errors = sum(errors_by_kind.values())
     remaining = None
-    if inputs:
-        options = InputOptions(storage_options=storage_options or {})
+    options = dataclasses.replace(reading or InputOptions(), storage_options=storage_options or {})
+    if inputs or options.files_from:
         found = resolve_inputs(inputs, options)
         plan = plan_run(found, index, finished_shards=state.finished_shards(), options=options)
         remaining = sum(1 for _ in plan.samples())
@@ -62,11 +71,30 @@ def output_status(
         "errors_by_kind": errors_by_kind,
         "remaining": remaining,
         "parts": len(index.parts),
-        "output_current": state.merged_parts() == [part.name for part in index.parts],
+        "output_current": not damaged and state.merged_parts() == [part.name for part in index.parts],
+        "damaged_parts": [str(path) for path in damaged],
         "last_run": last_run,
         "images_per_s": rate,
         "eta_s": round(eta, 1) if eta is not None else None,
     }
+
+
+# A run merging or compacting removes parts at most once per merge, so a few listings always settle.
+READ_ATTEMPTS = 20
+
+
+def read_committed(state: RunState) -> tuple[CommittedIndex, list[Path]]:
+    """The committed index of the readable parts and the unreadable ones, without writing anything;
+    listed again when a concurrent merge removed a part between listing and reading it."""
+    for attempt in range(READ_ATTEMPTS):
+        damaged: list[Path] = []
+        try:
+            return state.committed(damaged=damaged), damaged
+        except PartsChanged:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))  # let the merge finish removing what it replaced
+    raise AssertionError("unreachable")
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -85,6 +113,11 @@ def format_status(status: dict[str, Any]) -> str:
         )
     if status["eta_s"] is not None:
         lines.append(f"ETA: {format_duration(status['eta_s'])}")
-    if not status["output_current"]:
+    if not status["output_current"] and not status.get("damaged_parts"):
         lines.append("output not yet merged: run the caption command again to merge")
+    for part in status.get("damaged_parts") or []:
+        lines.append(
+            f"damaged: state part {part} cannot be read (counts above leave it out); restore the file, "
+            f"or run `caprl repair {status['output']}` to rebuild the state from the published output"
+        )
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 Everything that reads an input or writes an output goes through here, so a corpus on object storage
 is handled exactly like one on disk. Credentials only ever come through fsspec's own mechanisms
-(environment, config files, `--storage-option`), and `redact` strips whatever a URL itself carries
-(user:password@, signed query strings) before a URL reaches a log line, an error row or metadata.
+(environment, config files, `--storage-option`), and `redact` hides whatever a URL itself carries
+(user:password@, signing and credential parameters) before a URL reaches a log line, an error row or
+metadata. What a URL sample is keyed by is a separate function, `url_identity`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import os
 import re
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from caprl_cli.errors import UsageError
+from caprl_cli.faults import crash_point
 
 StorageOptions = dict[str, Any]
 
@@ -152,26 +154,98 @@ def join(base: str, relative: str) -> str:
 
 
 def redact(text: str) -> str:
-    """`text` with the credentials of every URL in it removed: user:password@ and the query string.
+    """`text` with the credentials of every URL in it hidden: user:password@ goes, and the value of
+    every signing or credential parameter (see `is_secret_parameter`) becomes `REDACTED`.
 
-    Signed URLs (S3 presigned, GCS, Azure SAS) carry their secret in the query, so the whole query
-    goes. Works on a bare URL and on a message that quotes one.
+    Other parameters stay as they are, so two distinct objects (`?id=1`, `?id=2`) stay told apart in
+    records. Works on a bare URL and on a message that quotes one. This hides secrets; what a URL
+    sample is keyed by is `url_identity`.
     """
     return _URL_IN_TEXT.sub(lambda found: _redact_one(found.group(0)), text)
 
 
+def url_identity(url: str) -> str:
+    """What a URL names, as a key: without user:password@, without signing and credential parameters,
+    without a fragment; every other parameter kept, in its original order and spelling.
+
+    The same object behind a re-signed URL (only `X-Amz-*`, `X-Goog-*`, SAS or token parameters
+    changed) keeps its identity, while `img.jpg?id=1` and `img.jpg?id=2` stay two objects. A local
+    path is returned as it is.
+    """
+    return _URL_IN_TEXT.sub(lambda found: _identity_one(found.group(0)), url)
+
+
+REDACTED = "REDACTED"
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+# Query parameters that sign a URL or carry a credential, compared lowercased with `-` and `_` removed:
+# AWS (SigV2 and presigned CloudFront), GCS, Azure SAS (service and user delegation), and common names.
+_SECRET_NAMES = frozenset(
+    {
+        # AWS SigV2, GCS signed URLs, CloudFront signed URLs
+        "awsaccesskeyid", "signature", "expires", "googleaccessid", "policy", "keypairid",
+        # Azure shared access signatures
+        "sig", "se", "st", "sp", "sv", "spr", "srt", "ss", "sr", "sip", "si", "sdd", "ses",
+        "skoid", "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid",
+        # tokens, keys and passwords by their usual names
+        "token", "accesstoken", "apikey", "key", "secret", "password", "passwd", "pwd",
+        "auth", "authorization", "credential", "credentials", "session", "sessionid",
+    }
+)
+_SECRET_PREFIXES = ("xamz", "xgoog")  # every X-Amz-* and X-Goog-* parameter belongs to a signature
+_SECRET_SUFFIXES = ("token", "secret", "password", "apikey", "signature")
+
+
+def is_secret_parameter(name: str) -> bool:
+    """True for a query parameter name that signs a URL or carries a credential, in any case."""
+    plain = unquote(name).lower().replace("-", "").replace("_", "")
+    return plain in _SECRET_NAMES or plain.startswith(_SECRET_PREFIXES) or plain.endswith(_SECRET_SUFFIXES)
+
+
+def _parameters(query: str) -> list[tuple[str, str | None]]:
+    """`a=1&b&c=` as [(a, 1), (b, None), (c, "")], exactly as written (nothing decoded)."""
+    pairs: list[tuple[str, str | None]] = []
+    for piece in query.split("&"):
+        if piece:
+            name, sep, value = piece.partition("=")
+            pairs.append((name, value if sep else None))
+    return pairs
+
+
+def _join_parameters(pairs: list[tuple[str, str | None]]) -> str:
+    return "&".join(name if value is None else f"{name}={value}" for name, value in pairs)
+
+
+def _redact_parameters(query: str) -> str:
+    pairs = _parameters(query)
+    return _join_parameters(
+        [(name, REDACTED if value is not None and is_secret_parameter(name) else value) for name, value in pairs]
+    )
 
 
 def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url.split("?", 1)[0].rsplit("@", 1)[-1]
+    except ValueError:  # not parseable (a broken IPv6 host): keep only what cannot hold a secret
+        return url.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
     if "@" not in parts.netloc and not parts.query and not parts.fragment:
         return url  # nothing secret; rebuilding would turn memory:///x into memory:/x
     netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "?REDACTED" if parts.query else ""
+    query = f"?{_redact_parameters(parts.query)}" if parts.query else ""
+    fragment = f"#{_redact_parameters(parts.fragment)}" if parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}{fragment}"
+
+
+def _identity_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    kept = [(name, value) for name, value in _parameters(parts.query) if not is_secret_parameter(name)]
+    query = f"?{_join_parameters(kept)}" if kept else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
@@ -184,11 +258,34 @@ def upload(local: Path, url: str, options: StorageOptions | None = None) -> None
     if parent:
         fs.makedirs(parent, exist_ok=True)
     fs.put_file(str(local), temp)
+    crash_point("upload.put")
     try:
         fs.mv(temp, inner)
     except BaseException:
         fs.rm(temp)
         raise
+
+
+def remove_stale_uploads(location: str, options: StorageOptions | None = None) -> int:
+    """Delete the `.<name>.<pid>.tmp` files that a killed `upload` (or a killed atomic write, locally)
+    of `location` left beside it; only called under the run's lock. Returns how many went."""
+    temporary = re.compile(r"\." + re.escape(path_part(location).rstrip("/").rsplit("/", 1)[-1]) + r"\.\d+\.tmp")
+    path = local_path_of(location)
+    if path is not None:
+        stale = [entry for entry in path.parent.glob(".*.tmp") if temporary.fullmatch(entry.name)]
+        for entry in stale:
+            entry.unlink(missing_ok=True)
+        return len(stale)
+    fs, inner = filesystem(location, options)
+    parent = inner.rpartition("/")[0]
+    try:
+        names = fs.ls(parent, detail=False) if parent else []
+    except FileNotFoundError:
+        return 0
+    stale_names = [name for name in names if temporary.fullmatch(str(name).rstrip("/").rsplit("/", 1)[-1])]
+    for name in stale_names:
+        fs.rm(name)
+    return len(stale_names)
 
 
 def remove(location: str, options: StorageOptions | None = None) -> None:

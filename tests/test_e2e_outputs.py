@@ -457,10 +457,13 @@ def sidecar_runs(run_caprl, tiny_model: Path, tmp_path_factory: pytest.TempPathF
         "a.jpg": encoded((40, 50), (100, 2, 3), "JPEG"),
         "sub/b.c.png": encoded((40, 50), (100, 2, 90), "PNG"),
         "broken.jpg": b"nope",
+        "twin.jpg": encoded((44, 40), (10, 200, 3), "JPEG"),  # twin.jpg and twin.png would share twin.txt
+        "twin.png": encoded((40, 44), (10, 2, 200), "PNG"),
     })
     args = caprl_args(tiny_model, folder, "--format", "sidecar")
     found: dict[str, Any] = {"folder": folder}
-    for step, extra in (("first", ()), ("second", ()), ("overwrite", ("--overwrite",))):
+    steps = (("first", ()), ("second", ()), ("overwrite", ("--overwrite",)), ("replace", ("--replace-sidecars",)))
+    for step, extra in steps:
         found[step] = run_caprl(*args, *extra), sidecars(folder), state_captions(folder)
     return found
 
@@ -468,10 +471,12 @@ def sidecar_runs(run_caprl, tiny_model: Path, tmp_path_factory: pytest.TempPathF
 def test_sidecar_txt_beside_each_captioned_image(sidecar_runs) -> None:
     result, txt, captions = sidecar_runs["first"]
     assert result.returncode == 0, result.stderr
-    assert set(captions) == {"keep.png", "a.jpg", "sub/b.c.png", "broken.jpg"}
+    assert set(captions) == {"keep.png", "a.jpg", "sub/b.c.png", "broken.jpg", "twin.jpg", "twin.png"}
     assert captions["broken.jpg"] is None
-    assert set(txt) == {"a.txt", "sub/b.c.txt", "keep.txt"}  # no broken.txt
-    for image, sidecar in (("a.jpg", "a.txt"), ("sub/b.c.png", "sub/b.c.txt")):
+    assert set(txt) == {"a.txt", "sub/b.c.txt", "keep.txt", "twin.jpg.txt", "twin.png.txt"}  # no broken.txt
+    pairs = (("a.jpg", "a.txt"), ("sub/b.c.png", "sub/b.c.txt"), ("twin.jpg", "twin.jpg.txt"), ("twin.png", "twin.png.txt"))
+    assert "twin.jpg and twin.png" in result.stderr  # the collision is named
+    for image, sidecar in pairs:
         assert captions[image] and txt[sidecar][0].decode("utf-8") == captions[image]
     assert txt["keep.txt"][0] == b"written by hand"
     assert "kept 1 existing .txt" in result.stderr
@@ -485,8 +490,17 @@ def test_sidecar_second_run_changes_nothing(sidecar_runs) -> None:
     assert second == first
 
 
-def test_sidecar_overwrite_replaces_a_different_txt(sidecar_runs) -> None:
+def test_sidecar_overwrite_starts_over_but_keeps_a_different_txt(sidecar_runs) -> None:
+    """--overwrite only forgets the state: a .txt written by hand is still kept."""
     (_, first, _), (result, txt, captions) = sidecar_runs["first"], sidecar_runs["overwrite"]
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" not in result.stderr and set(captions) == set(sidecar_runs["first"][2])
+    assert txt["keep.txt"][0] == b"written by hand"
+    assert "--replace-sidecars" in result.stderr
+
+
+def test_sidecar_replace_replaces_a_different_txt(sidecar_runs) -> None:
+    (_, first, _), (result, txt, captions) = sidecar_runs["first"], sidecar_runs["replace"]
     assert result.returncode == 0, result.stderr
     assert txt["keep.txt"][0].decode("utf-8") == captions["keep.png"] != "written by hand"
     assert {name: data for name, (data, _) in txt.items() if name != "keep.txt"} == {

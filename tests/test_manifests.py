@@ -47,7 +47,6 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 def test_manifest_names() -> None:
-    assert DEFAULT_IMAGE_COLUMNS[0] == "image"
     for name in ["a.jsonl", "A.JSONL.GZ", "x/y.parquet", "s3://b/m.jsonl", "https://h/m.parquet?sig=1"]:
         assert is_manifest_name(name)
     for name in ["a.json", "a.jpg", "a.tar", "a.jsonl.bz2", "folder"]:
@@ -266,3 +265,22 @@ def test_unreadable_parquet_is_a_usage_error(tmp_path: Path) -> None:
     manifest.write_bytes(b"PAR1 but not really")
     with pytest.raises(UsageError, match="m.parquet"):
         list(manifest_samples(str(manifest)))
+
+
+def test_keys_and_signatures_of_manifest_samples(tmp_path: Path) -> None:
+    """A URL value is keyed by its identity (a re-signed URL keeps its key, `?id=` tells objects apart)
+    and recorded redacted; a local image path is signed by a stat; embedded bytes by a content hash."""
+    (tmp_path / "a.jpg").write_bytes(b"12345")
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"image": "a.jpg"},
+        {"image": "https://h/x.jpg?id=1&X-Amz-Signature=S3CRET"},
+        {"image": "https://h/x.jpg?id=2&X-Amz-Signature=S3CRET"},
+    ])
+    local, first, second = manifest_samples(str(path))
+    assert local.signature is not None and local.signature.startswith("5:")
+    assert (first.key, second.key) == ("https://h/x.jpg?id=1", "https://h/x.jpg?id=2")
+    assert "S3CRET" not in first.source and first.signature is None
+    table = pa.table({"image": [{"bytes": b"png-1", "path": "p.png"}, {"bytes": b"png-2", "path": "q.png"}]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    one, two = manifest_samples(str(tmp_path / "m.parquet"))
+    assert one.signature and two.signature and one.signature != two.signature

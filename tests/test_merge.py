@@ -10,7 +10,7 @@ import pytest
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs.table import merge_output
-from caprl_cli.outputs.rows import COLUMNS, SCHEMA, caption_row, error_row
+from caprl_cli.outputs.rows import COLUMNS, PART_SCHEMA, SCHEMA, caption_row, error_row
 from caprl_cli.state.folder import RunState
 from caprl_cli.outputs.row_writers import rows_to_table
 
@@ -156,9 +156,31 @@ def test_many_parts_are_compacted_while_merging(tmp_path: Path, fmt: str) -> Non
     compacted = pq.read_table(parts[0]).to_pylist()
     assert sorted(row["key"] for row in compacted) == sorted(f"k{i}" for i in range(count - 1))
     assert {row["key"]: row["caption"] for row in compacted}["k0"] == "again"
+    # Parts from before signatures existed compact with a null signature; the output keeps the contract.
+    assert {row.pop("signature") for row in compacted} == {None}
     assert _read(state.output, fmt) == compacted
     assert state.output_is_current(parts)
     assert not [p for p in state.parts_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_compaction_keeps_each_rows_signature(tmp_path: Path, fmt: str) -> None:
+    """The compacted part still tells where each key came from (its image signature), so a run after
+    compaction tells the same image from a different one; the published output has no such column."""
+    from caprl_cli.outputs.table import COMPACT_ABOVE_PARTS
+
+    state = RunState(tmp_path / f"out.{fmt}")
+    state.create()
+    for i in range(COMPACT_ABOVE_PARTS + 2):
+        row = {**_ok(f"k{i}", f"c{i}"), "signature": f"{i}:123"}
+        name = f"part-20240101T000000{i:06d}Z-1-000000000.parquet"
+        pq.write_table(rows_to_table([row], PART_SCHEMA), state.parts_dir / name)
+    merge_output(state, state.committed(), fmt, PROVENANCE)
+    (part,) = state.part_paths()
+    assert {row["key"]: row["signature"] for row in pq.read_table(part).to_pylist()} == {
+        f"k{i}": f"{i}:123" for i in range(COMPACT_ABOVE_PARTS + 2)
+    }
+    assert dict(zip(*state.committed().latest.select(["key", "signature"]).to_pydict().values()))["k3"] == "3:123"
+    assert all("signature" not in row for row in _read(state.output, fmt))
 
 
 def test_compaction_interrupted_before_cleanup_reads_the_same(tmp_path: Path, fmt: str) -> None:

@@ -42,8 +42,9 @@ def test_missing_output_and_sidecar_without_a_local_folder_are_usage_errors() ->
         open_target(None, ["s3://bucket/x/"], OutputOptions("sidecar"))
 
 
-def test_failed_upload_is_published_again(memory_fs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the upload of a remote output fails, the state must not say the output is current."""
+def test_an_upload_that_raises_is_published_again(memory_fs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the upload of a remote output fails with an error, the state must not say the output is
+    current. (This tests error handling; an upload killed with SIGKILL is in test_crash_points.)"""
     import caprl_cli.outputs.table as outputs
 
     target = FileTarget("memory://bucket/caps.parquet", OutputOptions("parquet", state_dir=tmp_path / "state"))
@@ -70,3 +71,73 @@ def test_failed_upload_is_published_again(memory_fs, tmp_path: Path, monkeypatch
     with memory_fs.open("/bucket/caps.parquet", "rb") as handle:
         assert pq.read_table(handle)["key"].to_pylist() == ["a", "b"]
     assert not list(target.state_dir.glob("upload-*"))
+
+
+def _row(key: str) -> dict:
+    return caption_row(key=key, source=f"/{key}.jpg", model="m", caption=f"c {key}", finish_reason="stop",
+                       prompt_tokens=1, output_tokens=1, width=1, height=1)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_remote_merge_is_recorded_only_after_the_upload_completed(
+    memory_fs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compact: bool
+) -> None:
+    """While the upload runs, `merged.json` still names what was published before (nothing, then the
+    first merge's parts): a run killed mid-upload leaves an output the next run publishes again."""
+    import caprl_cli.outputs.table as outputs
+    from caprl_cli.state.parts import PartWriter
+
+    if compact:
+        monkeypatch.setattr(outputs, "COMPACT_ABOVE_PARTS", 1)
+    target = FileTarget("memory://bucket/caps.parquet", OutputOptions("parquet", state_dir=tmp_path / "state"))
+    state = RunState(None, state_dir=target.state_dir, label=target.label)
+    state.create()
+    seen_during_upload: list[list[str] | None] = []
+    real_upload = outputs.upload
+
+    def watched_upload(*args: object, **kwargs: object) -> None:
+        seen_during_upload.append(state.merged_parts())
+        real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "upload", watched_upload)
+    for keys in (["a", "b"], ["c", "d"]):
+        writer = PartWriter(state.parts_dir, "run", flush_rows=1, flush_seconds=3600)
+        for key in keys:
+            writer.add(_row(key))
+        writer.close()
+        before = state.merged_parts()
+        target.publish(state, state.committed(), {})
+        assert seen_during_upload[-1] == before
+        assert state.merged_parts() == [part.name for part in state.part_paths()] != before
+    assert state.output_is_current(state.part_paths(), target.exists())
+    with memory_fs.open("/bucket/caps.parquet", "rb") as handle:
+        assert sorted(pq.read_table(handle)["key"].to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_remote_shards_are_recorded_only_after_every_shard_is_uploaded(
+    memory_fs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WebDataset: each shard upload happens while the merge record still names the earlier parts."""
+    import caprl_cli.outputs.tar_shards as tar_shards
+    from caprl_cli.outputs.rows import PART_SCHEMA_WITH_IMAGES
+    from caprl_cli.state.parts import PartWriter
+
+    target = ShardTarget("memory://bucket/wds/", OutputOptions("webdataset", shard_size=1, state_dir=tmp_path / "s"))
+    state = RunState(None, state_dir=target.state_dir, label=target.label)
+    state.create()
+    seen: list[list[str] | None] = []
+    real_commit = tar_shards._Place.commit
+
+    def watched_commit(self: object, built: Path, name: str) -> None:
+        seen.append(state.merged_parts())
+        real_commit(self, built, name)
+
+    monkeypatch.setattr(tar_shards._Place, "commit", watched_commit)
+    writer = PartWriter(state.parts_dir, "run", flush_rows=1, flush_seconds=3600, schema=PART_SCHEMA_WITH_IMAGES)
+    for key in ("a", "b"):
+        writer.add({**_row(key), "image": b"jpeg", "image_ext": "jpg"})
+    writer.close()
+    target.publish(state, state.committed(), {})
+    assert seen == [None, None]
+    assert state.merged_parts() == [part.name for part in state.part_paths()]
+    assert target.numbers() == [0, 1]

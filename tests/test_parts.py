@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.state.parts import PartWriter, new_run_id
+from caprl_cli.state.sequence import sequence_of
 from caprl_cli.outputs.rows import SCHEMA, caption_row, error_row
 from caprl_cli.state.folder import RunState
 
@@ -46,7 +48,8 @@ def _read(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def _poll(condition, timeout: float = 5.0) -> bool:
+def _poll(condition, timeout: float = 60.0) -> bool:
+    """Whether `condition()` became true; polled, with a bound generous for a loaded machine."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -123,17 +126,34 @@ def test_timer_commits_buffered_rows(parts_dir: Path) -> None:
     assert [r for p in writer.written for r in _read(p)] == [_row(i) for i in range(3)]
 
 
+class _CountingEvent(threading.Event):
+    """An Event that counts the waits that ended by timing out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        self.timeouts += not woken
+        return woken
+
+
 def test_timer_writes_nothing_when_idle(parts_dir: Path) -> None:
-    """With nothing buffered the timer commits no (empty) parts."""
+    """With nothing buffered the timer commits no (empty) parts, however often it wakes."""
     writer = PartWriter(parts_dir, "run1", flush_rows=1000, flush_seconds=0.05)
-    time.sleep(0.3)
+    wakes = _CountingEvent()
+    writer._closed = wakes  # the timer waits on this between checks: each return is one wake-up
+    # 20 wake-ups, each after a wait of flush_seconds / 4 that timed out: well past flush_seconds.
+    assert _poll(lambda: wakes.timeouts >= 20, timeout=60), "the flush timer never woke up"
     writer.close()
     assert _names(parts_dir) == []
     assert writer.written == []
 
 
 def test_part_names_sort_in_creation_order(parts_dir: Path) -> None:
-    """Part names start with `part-`, carry the run id, end `.parquet`, and sort in the order written."""
+    """Part names start with `part-` and a sequence number, carry the run id, end `.parquet`, and take
+    the sequence numbers 1, 2, 3, ... in the order written."""
     run_id = new_run_id()
     writer = PartWriter(parts_dir, run_id, flush_rows=1, flush_seconds=3600)
     for i in range(12):
@@ -142,19 +162,20 @@ def test_part_names_sort_in_creation_order(parts_dir: Path) -> None:
     names = [p.name for p in writer.written]
     assert len(names) == 12
     assert names == sorted(names) == _names(parts_dir)
+    assert [sequence_of(name) for name in names] == list(range(1, 13))
     for name in names:
-        assert name.startswith(f"part-{run_id}-") and name.endswith(".parquet")
+        assert f"-{run_id}-" in name and name.startswith("part-") and name.endswith(".parquet")
     assert [r for p in writer.written for r in _read(p)] == [_row(i) for i in range(12)]
 
 
 def test_parts_of_a_later_run_sort_after_an_earlier_run(parts_dir: Path) -> None:
-    """A second run's parts sort after the first run's, so its rows count as newer."""
-    first = PartWriter(parts_dir, new_run_id(), flush_rows=1, flush_seconds=3600)
+    """A second run's parts sort after the first run's, so its rows count as newer, even when its run
+    id (the clock) reads earlier than the first run's."""
+    first = PartWriter(parts_dir, "20300101T000000000000Z-7", flush_rows=1, flush_seconds=3600)
     for i in range(3):
         first.add(_row(i))
     first.close()
-    time.sleep(0.002)
-    second = PartWriter(parts_dir, new_run_id(), flush_rows=1, flush_seconds=3600)
+    second = PartWriter(parts_dir, "20200101T000000000000Z-7", flush_rows=1, flush_seconds=3600)
     for i in range(3):
         second.add(_row(i))
     second.close()
@@ -203,12 +224,3 @@ def test_failed_write_keeps_rows_buffered(tmp_path: Path) -> None:
     (part,) = writer.written
     assert _read(part) == [_row(0), _row(1)]
 
-
-def test_new_run_ids_sort_by_time() -> None:
-    """Run ids made one after the other sort in that order (and differ)."""
-    ids = []
-    for _ in range(5):
-        ids.append(new_run_id())
-        time.sleep(0.002)
-    assert ids == sorted(ids)
-    assert len(set(ids)) == len(ids)

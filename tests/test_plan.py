@@ -9,7 +9,6 @@ completed once every sample handed out of it has its row.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,7 +18,7 @@ from conftest import write_shard
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.state.plan import Plan, peek, plan_run
-from caprl_cli.outputs.rows import Row, caption_row, error_row
+from caprl_cli.outputs.rows import PART_SCHEMA, SIGNATURE, Row, caption_row, error_row
 from caprl_cli.state.folder import RunState
 from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef, resolve_inputs
 from caprl_cli.outputs.row_writers import rows_to_table
@@ -29,13 +28,16 @@ def _sample(key: str) -> Sample:
     return Sample(key=key, source=f"/data/{key}", path=f"/data/{key}")
 
 
-def _ok(key: str) -> Row:
-    return caption_row(key=key, source=f"/data/{key}", model="tiny", caption="c", finish_reason="stop",
-                       prompt_tokens=1, output_tokens=1, width=8, height=8)
+def _ok(key: str, source: str | None = None, signature: str | None = None) -> Row:
+    """A committed caption row as a part holds it; its source is where `_sample` finds the key unless given."""
+    row = caption_row(key=key, source=source or f"/data/{key}", model="tiny", caption="c", finish_reason="stop",
+                      prompt_tokens=1, output_tokens=1, width=8, height=8)
+    return {**row, SIGNATURE: signature}
 
 
-def _err(key: str) -> Row:
-    return error_row(key=key, source=f"/data/{key}", model="tiny", kind=ErrorKind.DECODE, message="bad")
+def _err(key: str, source: str | None = None, signature: str | None = None) -> Row:
+    row = error_row(key=key, source=source or f"/data/{key}", model="tiny", kind=ErrorKind.DECODE, message="bad")
+    return {**row, SIGNATURE: signature}
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def state(tmp_path: Path) -> RunState:
 
 
 def _commit(state: RunState, name: str, rows: list[Row]) -> None:
-    pq.write_table(rows_to_table(rows), state.parts_dir / f"part-{name}-000000.parquet")
+    pq.write_table(rows_to_table(rows, PART_SCHEMA), state.parts_dir / f"part-{name}-000000.parquet")
 
 
 def _keys(samples: list[Sample]) -> list[str]:
@@ -183,18 +185,15 @@ def test_work_follows_sample_order(state: RunState) -> None:
     assert handed[0] is samples[0]
 
 
-def test_planning_many_inputs_is_vectorised(state: RunState) -> None:
-    """200k inputs against 100k committed keys plan correctly, in well under a few seconds."""
+def test_planning_many_inputs(state: RunState) -> None:
+    """200k inputs against 100k committed keys plan correctly (speed is measured in bench/, not here)."""
     samples = [_sample(f"img_{i:06d}.png") for i in range(200_000)]
     _commit(state, "1", [_ok(f"img_{i:06d}.png") for i in range(0, 200_000, 2)])
     index = state.committed()
-    started = time.perf_counter()
     plan = plan_run(_listed(samples), index)
-    elapsed = time.perf_counter() - started
     assert _counts(plan) == (200_000, 100_000, 0)
     assert len(plan.listed.todo) == 100_000
     assert plan.listed.todo[0].key == "img_000001.png"
-    assert elapsed < 5.0, f"planning took {elapsed:.1f}s"
 
 
 def test_listed_remaining_while_rows_come_back(state: RunState) -> None:
@@ -248,7 +247,7 @@ def test_shards_hand_out_every_sample_when_nothing_is_committed(state: RunState,
 def test_committed_keys_are_skipped_inside_a_shard_read_again(state: RunState, tmp_path: Path) -> None:
     """A shard read again after a crash hands out only what the parts do not hold yet."""
     shard = _shard(tmp_path / "s.tar", ["s0", "s1", "s2", "s3"])
-    _commit(state, "1", [_ok("s1"), _err("s2")])
+    _commit(state, "1", [_ok("s1", shard.source), _err("s2", shard.source)])
     plan = plan_run(InputSet(shards=[shard]), state.committed())
     assert _keys(_drain(plan)) == ["s0", "s3"]
     assert _counts(plan) == (4, 2, 0)
@@ -259,7 +258,7 @@ def test_committed_keys_are_skipped_inside_a_shard_read_again(state: RunState, t
 def test_retry_errors_inside_a_shard(state: RunState, tmp_path: Path) -> None:
     """With --retry-errors a committed error key inside a shard is handed out again."""
     shard = _shard(tmp_path / "s.tar", ["s0", "s1", "s2"])
-    _commit(state, "1", [_ok("s0"), _err("s1")])
+    _commit(state, "1", [_ok("s0", shard.source), _err("s1", shard.source)])
     plan = plan_run(InputSet(shards=[shard]), state.committed(), retry_errors=True)
     assert _keys(_drain(plan)) == ["s1", "s2"]
     assert _counts(plan) == (3, 1, 1)
@@ -287,7 +286,8 @@ def test_finished_shard_is_not_opened(state: RunState, tmp_path: Path) -> None:
 def test_retry_errors_reads_finished_shards_again(state: RunState, tmp_path: Path) -> None:
     """With --retry-errors a finished shard is opened again and only its error keys are handed out."""
     shard = _shard(tmp_path / "s.tar", ["s0", "s1", "s2", "s3"])
-    _commit(state, "1", [_ok("s0"), _err("s1"), _ok("s2"), _err("s3")])
+    source = shard.source
+    _commit(state, "1", [_ok("s0", source), _err("s1", source), _ok("s2", source), _err("s3", source)])
     finished = {shard.source: {"samples": 4, "errors": 2}}
     plan = plan_run(InputSet(shards=[shard]), state.committed(), retry_errors=True, finished_shards=finished)
     assert _counts(plan) == (0, 0, 0)  # the record is not counted: the shard is read instead
@@ -326,7 +326,7 @@ def test_limit_counts_skipped_samples_but_hands_out_only_pending(state: RunState
     """Committed samples passed over do not use up --limit; a shard fully passed over is finished."""
     first = _shard(tmp_path / "first.tar", ["f0", "f1"])
     second = _shard(tmp_path / "second.tar", ["g0", "g1", "g2"])
-    _commit(state, "1", [_ok("f0"), _ok("f1"), _ok("g0")])
+    _commit(state, "1", [_ok("f0", first.source), _ok("f1", first.source), _ok("g0", second.source)])
     plan = plan_run(InputSet(shards=[first, second]), state.committed(), limit=1)
     assert _keys(_drain(plan)) == ["g1"]
     assert _counts(plan) == (4, 3, 0)
@@ -377,7 +377,7 @@ def test_shards_from_resolve_inputs(state: RunState, tmp_path: Path) -> None:
     (folder / "img.png").write_bytes(b"png")
     write_shard(folder / "sub" / "s.tar", [{"__key__": "k0", "jpg": b"0"}, {"__key__": "k1", "jpg": b"1"}])
     inputs = resolve_inputs([str(folder)])
-    _commit(state, "1", [_ok("k0")])
+    _commit(state, "1", [_ok("k0", inputs.shards[0].source)])
     plan = plan_run(inputs, state.committed())
     assert _keys(_drain(plan)) == ["img.png", "k1"]
     assert _counts(plan) == (3, 1, 0)
@@ -410,7 +410,7 @@ def test_manifest_is_streamed_and_duplicates_handed_out_once(state: RunState, tm
 def test_manifest_skips_committed_keys_and_follows_options(state: RunState, tmp_path: Path) -> None:
     """Committed manifest keys are skipped; image root and meta come from the input options."""
     manifest = _manifest(tmp_path / "m.jsonl", ["a.jpg", "b.jpg", "c.jpg"])
-    _commit(state, "1", [_ok("b.jpg")])
+    _commit(state, "1", [_ok("b.jpg", "/images/b.jpg")])
     options = InputOptions(image_root="/images", keep_meta=False)
     plan = plan_run(InputSet(manifests=[manifest]), state.committed(), options=options)
     handed = _drain(plan)
@@ -466,3 +466,93 @@ def test_a_key_in_two_shards_is_captioned_once(state: RunState, tmp_path: Path) 
     for sample in handed:
         plan.row_done(_err(sample.key) if sample.error_kind else _ok(sample.key))
     assert set(plan.completed_shards()) == {first.source, second.source}
+
+
+# --- identity: the same image, a changed one, a different one ------------------------------------
+
+
+def _signed(key: str, source: str, signature: str | None) -> Sample:
+    return Sample(key=key, source=source, path=source, signature=signature)
+
+
+def test_moved_folder_is_not_captioned_again(state: RunState) -> None:
+    """The same files reached through a renamed folder (other sources, equal signatures) are done."""
+    _commit(state, "1", [_ok("a.png", "/old/a.png", "10:1"), _err("b.png", "/old/b.png", "20:2")])
+    plan = plan_run(_listed([_signed("a.png", "/new/a.png", "10:1"), _signed("b.png", "/new/b.png", "20:2")]),
+                    state.committed())
+    assert _drain(plan) == []
+    assert (_counts(plan), plan.changed, plan.conflicts) == ((2, 2, 0), 0, 0)
+
+
+def test_a_file_changed_in_place_is_captioned_again(state: RunState) -> None:
+    """Same source, other signature: the file was written again; it is captioned again (its new row
+    replaces the old) and counted as changed."""
+    _commit(state, "1", [_ok("a.png", "/in/a.png", "10:1"), _ok("b.png", "/in/b.png", "20:2")])
+    changed = _signed("a.png", "/in/a.png", "11:9")
+    plan = plan_run(_listed([changed, _signed("b.png", "/in/b.png", "20:2")]), state.committed())
+    assert _drain(plan) == [changed]
+    assert (_counts(plan), plan.changed, plan.conflicts) == ((2, 1, 0), 1, 0)
+
+
+def test_a_different_image_under_a_committed_key_is_a_conflict_row_once(state: RunState) -> None:
+    """Another source with another image under a committed key is never skipped silently: it becomes a
+    conflict error sample of its own key naming both sources; once committed, later runs (with
+    --retry-errors too) find it done instead of writing it again."""
+    _commit(state, "1", [_ok("IMG_0001.jpg", "/incoming/day1/IMG_0001.jpg", "100:1")])
+    day2 = _signed("IMG_0001.jpg", "/incoming/day2/IMG_0001.jpg", "120:2")
+    plan = plan_run(_listed([day2]), state.committed())
+    (conflict,) = _drain(plan)
+    assert conflict.error_kind is ErrorKind.CONFLICT
+    assert conflict.key.startswith("IMG_0001.jpg@") and conflict.source == day2.source
+    assert "/incoming/day1/IMG_0001.jpg" in (conflict.error_message or "")
+    assert "/incoming/day2/IMG_0001.jpg" in (conflict.error_message or "")
+    assert (_counts(plan), plan.conflicts) == ((1, 0, 0), 1)
+    _commit(state, "2", [{**_row_for(conflict), SIGNATURE: conflict.signature}])
+    for retry in (False, True):
+        again = plan_run(_listed([day2]), state.committed(), retry_errors=retry)
+        assert _drain(again) == []
+        assert (_counts(again), again.conflicts) == ((1, 1, 0), 0)
+
+
+def test_unknown_signatures_same_source_is_done_other_source_conflicts(state: RunState) -> None:
+    """A URL signed again (same redacted source, no signature) is done; the same key from another
+    source with nothing to compare is a conflict, not a guess."""
+    url = "https://h/img.jpg?id=1&X-Amz-Signature=REDACTED"
+    _commit(state, "1", [_ok("https://h/img.jpg?id=1", url), _ok("x.png", "/a/x.png")])
+    plan = plan_run(_listed([_signed("https://h/img.jpg?id=1", url, None), _signed("x.png", "/b/x.png", None)]),
+                    state.committed())
+    handed = _drain(plan)
+    assert [sample.error_kind for sample in handed] == [ErrorKind.CONFLICT]
+    assert handed[0].key.startswith("x.png@")
+    assert (_counts(plan), plan.conflicts) == ((2, 1, 0), 1)
+
+
+def test_parts_without_signatures_are_read(state: RunState) -> None:
+    """Parts written before signatures existed (no such column) still plan: same source is done."""
+    pq.write_table(rows_to_table([_ok("a.png")]), state.parts_dir / "part-0-000000.parquet")
+    assert "signature" not in pq.read_schema(state.parts_dir / "part-0-000000.parquet").names
+    plan = plan_run(_listed([_signed("a.png", "/data/a.png", "10:1")]), state.committed())
+    assert _drain(plan) == [] and _counts(plan) == (1, 1, 0)
+
+
+def test_streamed_identity_moved_shard_and_conflicting_shard(state: RunState, tmp_path: Path) -> None:
+    """Inside shards the same rules hold: a moved shard's samples (same bytes, other source) are done,
+    a committed key carried by another shard with other bytes becomes a conflict row, written once."""
+    from caprl_cli.inputs.sample import content_signature
+
+    moved = _shard(tmp_path / "moved" / "a.tar", ["k0", "k1"])
+    other = ShardRef(url=str(tmp_path / "b.tar"), source=str(tmp_path / "b.tar"))
+    write_shard(tmp_path / "b.tar", [{"__key__": "k1", "jpg": b"another image"}, {"__key__": "k2", "jpg": b"2"}])
+    _commit(state, "1", [_ok(k, "/old/a.tar", content_signature(f"image {k}".encode())) for k in ["k0", "k1"]])
+    plan = plan_run(InputSet(shards=[moved]), state.committed())
+    assert _drain(plan) == []
+    assert (plan.inputs, plan.already_done, plan.conflicts) == (2, 2, 0)
+    plan = plan_run(InputSet(shards=[other]), state.committed())
+    handed = _drain(plan)
+    assert [s.key.split("@")[0] for s in handed] == ["k1", "k2"]
+    assert handed[0].error_kind is ErrorKind.CONFLICT and handed[0].key != "k1"
+    assert (plan.inputs, plan.already_done, plan.conflicts) == (2, 0, 1)
+    _commit(state, "2", [{**_row_for(s), SIGNATURE: s.signature} for s in handed])
+    again = plan_run(InputSet(shards=[other]), state.committed(), retry_errors=True)
+    assert _drain(again) == []
+    assert (again.inputs, again.already_done, again.conflicts) == (2, 2, 0)

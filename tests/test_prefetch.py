@@ -15,7 +15,8 @@ import pytest
 
 from caprl_cli.inputs.prefetch import Prefetcher
 
-JOIN_TIMEOUT = 5.0
+# Bounds for waits that end as soon as their condition holds: generous, for a loaded machine.
+JOIN_TIMEOUT = 60.0
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = JOIN_TIMEOUT) -> bool:
@@ -25,6 +26,23 @@ def _wait_until(condition: Callable[[], bool], timeout: float = JOIN_TIMEOUT) ->
             return True
         time.sleep(0.01)
     return condition()
+
+
+def _stuck_putting(reader: Prefetcher) -> bool:
+    """Whether the reader thread tries to put into its full queue at least twice from now on: it is
+    waiting for room, not reading further (each try gives up after a short timeout and retries)."""
+    tries = [0]
+    real_put = reader._queue.put
+
+    def counting_put(*args: object, **kwargs: object) -> None:
+        tries[0] += 1
+        real_put(*args, **kwargs)
+
+    reader._queue.put = counting_put  # type: ignore[method-assign]
+    try:
+        return _wait_until(lambda: tries[0] >= 2 and reader._queue.full())
+    finally:
+        reader._queue.put = real_put  # type: ignore[method-assign]
 
 
 class Counting(Iterator[int]):
@@ -41,7 +59,7 @@ class Counting(Iterator[int]):
         return self.taken - 1
 
 
-def _next_within(iterator: Iterator[object], timeout: float = 1.0) -> tuple[bool, object]:
+def _next_within(iterator: Iterator[object], timeout: float = JOIN_TIMEOUT) -> tuple[bool, object]:
     """(finished, what next() returned or raised), run on a daemon thread so a hang cannot hang the test."""
     outcome: list[object] = []
 
@@ -131,9 +149,7 @@ def test_close_stops_the_reader_thread() -> None:
     reader.close()
     reader._thread.join(JOIN_TIMEOUT)
     assert not reader._thread.is_alive()
-    taken = source.taken
-    time.sleep(0.2)
-    assert source.taken == taken  # nothing more is read
+    assert source.taken <= 1 + 3 + 1  # one consumed, 3 queued, one waiting to be put: the source was not drained
 
 
 def test_close_before_consuming() -> None:
@@ -175,13 +191,13 @@ def test_read_ahead_is_bounded(size: int) -> None:
     reader = Prefetcher(source, size=size)
     try:
         assert _wait_until(lambda: source.taken == size + 1)
-        time.sleep(0.3)  # give a misbehaving reader time to run further
+        assert _stuck_putting(reader), "the reader never waited for room in the queue"
         assert source.taken == size + 1  # `size` queued, one more waiting to be put
         for consumed in range(1, 2 * size + 3):
             assert next(reader) == consumed - 1
             assert source.taken <= consumed + size + 1
         assert _wait_until(lambda: source.taken == consumed + size + 1)
-        time.sleep(0.1)
+        assert _stuck_putting(reader), "the reader never waited for room in the queue"
         assert source.taken == consumed + size + 1
     finally:
         reader.close()

@@ -192,8 +192,8 @@ def test_manifests_recognised_by_suffix(tmp_path: Path, name: str) -> None:
 # --- URLs ----------------------------------------------------------------------------------------
 
 
-def test_image_url_keyed_by_redacted_url(tmp_path: Path, serve_folder: Callable[[Path], str]) -> None:
-    """An image URL is one listed sample keyed (and sourced) by its redacted URL, opened by the full one."""
+def test_image_url_keyed_by_its_identity(tmp_path: Path, serve_folder: Callable[[Path], str]) -> None:
+    """An image URL is one listed sample keyed by its identity, recorded redacted, opened by the full one."""
     _image(tmp_path / "x.jpg")
     base = serve_folder(tmp_path)
     plain = f"{base}/x.jpg"
@@ -205,6 +205,48 @@ def test_image_url_keyed_by_redacted_url(tmp_path: Path, serve_folder: Callable[
     assert sample.path == signed
     assert "sig=abc" not in sample.key and "sig=abc" not in sample.source
     assert sample.key.startswith(plain)
+
+
+def test_urls_differing_in_their_query_are_two_samples() -> None:
+    """`?id=1` and `?id=2` are two objects: two samples with distinct keys (whole-query redaction keyed
+    both `?REDACTED` and dropped one); the same URL signed again keeps its key and source."""
+    urls = ["http://127.0.0.1:1/img.jpg?id=1", "http://127.0.0.1:1/img.jpg?id=2&X-Amz-Signature=s1"]
+    found = resolve_inputs(urls)
+    assert _keys(found) == ["http://127.0.0.1:1/img.jpg?id=1", "http://127.0.0.1:1/img.jpg?id=2"]
+    assert [sample.signature for sample in found.listed] == [None, None]
+    (resigned,) = resolve_inputs(["http://127.0.0.1:1/img.jpg?id=2&X-Amz-Signature=s2"]).listed
+    assert (resigned.key, resigned.source) == (found.listed[1].key, found.listed[1].source)
+    assert "s1" not in found.listed[1].source and "s2" not in resigned.source
+
+
+def test_local_samples_carry_stat_signatures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folder images, image files and file-list entries are signed `size:mtime_ns` from a stat, which a
+    rename keeps; a list entry that is gone has none."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    image = _image(tmp_path / "in" / "a.jpg", b"12345")
+    os.utime(image, ns=(1_000_000_007, 1_000_000_007))
+    expected = "5:1000000007"
+    (folder,) = resolve_inputs([str(tmp_path / "in")]).listed
+    (single,) = resolve_inputs([str(image)]).listed
+    (tmp_path / "list.txt").write_text("in/a.jpg\ngone.jpg\n")
+    listed = resolve_inputs(["@list.txt"]).listed
+    assert [folder.signature, single.signature] == [expected, expected]
+    assert {s.key: s.signature for s in listed} == {"in/a.jpg": expected, "gone.jpg": None}
+    os.rename(tmp_path / "in", tmp_path / "moved")
+    (moved,) = resolve_inputs([str(tmp_path / "moved")]).listed
+    assert (moved.key, moved.signature) == (folder.key, expected) and moved.source != folder.source
+
+
+def test_remote_folder_samples_carry_listing_signatures(memory_fs: object) -> None:
+    """A remote folder's images are signed from the listing's detail (size and a content tag or time)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/sig/a.jpg", b"1234")
+    (sample,) = resolve_inputs(["memory://sig/"]).listed
+    assert sample.signature is not None and sample.signature.startswith("4:")
 
 
 def test_credentials_in_image_url_never_reach_key_or_source() -> None:

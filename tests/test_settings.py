@@ -48,12 +48,15 @@ def test_parse_duration_rejects(text: str) -> None:
         ("OUT.PARQUET", None, "parquet"),
         ("Out.JsonL", None, "jsonl"),
         ("out.dat", "jsonl", "jsonl"),
-        ("out.parquet", "jsonl", "jsonl"),
+        ("out.parquet", "parquet", "parquet"),
+        ("shards/", "webdataset", "webdataset"),
+        ("adir.parquet/", "webdataset", "webdataset"),
+        ("train-%05d.tar", "webdataset", "webdataset"),
     ],
 )
 def test_output_format_for(tmp_path: Path, name: str, requested: str | None, expected: str) -> None:
-    """--format wins; otherwise the output's extension, in any case, decides."""
-    assert output_format_for(tmp_path / name, requested) == expected
+    """--format (when the name does not contradict it); otherwise the output's extension, in any case, decides."""
+    assert output_format_for(f"{tmp_path}/{name}", requested) == expected
 
 
 @pytest.mark.parametrize("name", ["out", "out.txt", "out.csv", "out.parquet.bak", "out.json"])

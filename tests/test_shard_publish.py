@@ -1,6 +1,7 @@
-"""Publishing WebDataset shards from the state, with crashes injected at each step of a publish: every
-key ends up in exactly one shard, with its latest row, whatever step the crash hit. No engine runs
-here; parts are written as a run writes them (rows plus original image bytes)."""
+"""Publishing WebDataset shards from the state, and a publish that fails with an error (disk full) at
+each step: every key ends up in exactly one shard, with its latest row. No engine runs here; parts are
+written as a run writes them (rows plus original image bytes). Kills (SIGKILL, no cleanup) at each
+step are tested on the real CLI in test_crash_points."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.outputs.webdataset import ShardTarget
 from caprl_cli.state.parts import new_run_id
+from caprl_cli.state.sequence import next_sequence, part_name
 from caprl_cli.outputs.rows import PART_SCHEMA_WITH_IMAGES, caption_row, error_row
 from caprl_cli.state.folder import RunState
 from caprl_cli.inputs.shards import split_member_name
@@ -41,7 +43,8 @@ class Publisher:
         self.parts = 0
 
     def commit(self, rows: list[dict]) -> None:
-        name = f"part-{new_run_id()}-{self.parts:09d}.parquet"  # sorts after every part so far, as in a run
+        # The state's next sequence number, as a run takes it: sorts after every part so far.
+        name = part_name(next_sequence(self.state.parts_dir), new_run_id(), f"{self.parts:09d}")
         pq.write_table(rows_to_table(rows, PART_SCHEMA_WITH_IMAGES), self.state.parts_dir / name)
         self.parts += 1
 
@@ -82,29 +85,30 @@ def test_runs_add_shards_and_retries_replace_rows(publisher: Publisher) -> None:
     assert len(parts) == 1 and "image" not in pq.read_schema(parts[0]).names  # images gone once published
 
 
-@pytest.mark.parametrize("crash_at", ["rewrite", "compacted-commit", "record-merge"])
-def test_a_crash_at_any_step_of_a_publish_is_repaired_by_the_next(
-    publisher: Publisher, monkeypatch: pytest.MonkeyPatch, crash_at: str
+@pytest.mark.parametrize("fail_at", ["rewrite", "compacted-commit", "record-merge"])
+def test_a_publish_that_raises_at_any_step_is_repaired_by_the_next(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch, fail_at: str
 ) -> None:
-    """Crash after the new shards exist (before the stale row is dropped), after the compacted part is
-    written, or before the old parts are removed: the next publish leaves each key exactly once."""
+    """An OSError (disk full) after the new shards exist (before the stale row is dropped), while the
+    compacted part is committed, or while the merge is recorded: the error's cleanup runs, and the next
+    publish leaves each key exactly once. This tests error handling; kills are in test_crash_points."""
     import caprl_cli.outputs.webdataset as outputs
 
     publisher.commit([_ok("a"), _err("b"), _ok("c")])
     publisher.publish()
     publisher.commit([_ok("b"), _ok("d"), _ok("e")])
 
-    def crash(*args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"injected crash at {crash_at}")
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, f"No space left on device ({fail_at})")
 
     with monkeypatch.context() as patch:
-        if crash_at == "rewrite":
-            patch.setattr(outputs, "rewrite_without", crash)
-        elif crash_at == "compacted-commit":
-            patch.setattr(outputs.ParquetRowWriter, "commit", crash)
+        if fail_at == "rewrite":
+            patch.setattr(outputs, "rewrite_without", disk_full)
+        elif fail_at == "compacted-commit":
+            patch.setattr(outputs.ParquetRowWriter, "commit", disk_full)
         else:
-            patch.setattr(publisher.state, "record_merge", crash)
-        with pytest.raises(RuntimeError, match="injected"):
+            patch.setattr(publisher.state, "record_merge", disk_full)
+        with pytest.raises(OSError, match="No space left"):
             publisher.publish()
     publisher.publish()
     found = publisher.samples()

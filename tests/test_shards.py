@@ -348,3 +348,12 @@ def test_corrupt_gzip_data_never_raises() -> None:
         errors = [s for s in samples if s.error_kind is not None]
         assert all(s.error_kind in (ErrorKind.SHARD, ErrorKind.UNSAFE, ErrorKind.TOO_LARGE) for s in errors)
         assert len({s.key for s in samples}) == len(samples)
+
+
+def test_samples_are_signed_by_their_image_bytes() -> None:
+    """Each sample carries a short hash of its image's bytes: equal images sign equal, others differ,
+    so a shard moved elsewhere is recognised and another image under the same key is not."""
+    raw = _tar([("a.jpg", b"image one"), ("b.jpg", b"image two"), ("c.jpg", b"image one")])
+    signatures = [sample.signature for sample in _read(raw)]
+    assert signatures[0] == signatures[2] != signatures[1]
+    assert all(signature and "image" not in signature for signature in signatures)

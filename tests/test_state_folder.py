@@ -8,16 +8,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from caprl_cli.errors import ErrorKind, OutputLocked
+from caprl_cli.errors import ErrorKind, OutputLocked, StateError
 from caprl_cli.outputs.rows import caption_row, error_row
 from caprl_cli.state.fingerprint import FINGERPRINT_FIELDS, fingerprint_changes, fingerprint_of
-from caprl_cli.state.folder import RunState, state_dir_for
+from caprl_cli.state.folder import PartsChanged, RunState, state_dir_for
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.outputs.atomic import temp_path_for
 from caprl_cli.outputs.row_writers import rows_to_table
@@ -294,32 +293,67 @@ def test_rows_by_part_row_numbers_read_back_the_right_keys(state: RunState) -> N
     assert len(picked) == 3
 
 
-def test_unreadable_part_is_set_aside(state: RunState) -> None:
-    """Garbage under a part name is renamed `.unreadable`, and its keys count as not committed."""
-    good = _write_part(state, "1", [_ok("a"), _ok("b")])
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_unreadable_part_stops_before_anything_changes(state: RunState) -> None:
+    """Garbage under a part name raises StateError naming the file and `caprl repair`; nothing is
+    renamed or set aside, so the state is exactly as it was."""
+    _write_part(state, "1", [_ok("a"), _ok("b")])
     bad = state.parts_dir / "part-2-000000.parquet"
     bad.write_bytes(b"this is not parquet at all" * 10)
+    before = _listing(state.dir)
+    with pytest.raises(StateError) as raised:
+        state.committed()
+    message = str(raised.value)
+    assert str(bad) in message and "caprl repair" in message and "\n" not in message
+    assert raised.value.exit_code == 1
+    assert _listing(state.dir) == before
+
+
+def test_empty_part_stops_too(state: RunState) -> None:
+    """A zero-byte part (a disk that lost the data) is just as unreadable."""
+    _write_part(state, "1", [_ok("a")])
     empty = state.parts_dir / "part-3-000000.parquet"
     empty.write_bytes(b"")
-    index = state.committed()
-    assert index.parts == [good]
-    assert sorted(index.keys().to_pylist()) == ["a", "b"]
-    assert not bad.exists() and not empty.exists()
-    assert (state.parts_dir / (bad.name + ".unreadable")).read_bytes() == b"this is not parquet at all" * 10
-    assert (state.parts_dir / (empty.name + ".unreadable")).exists()
-    assert state.part_paths() == [good]
-    assert [list(r) for r in index.rows_by_part()] == [[0, 1]]
+    with pytest.raises(StateError, match="part-3-000000.parquet"):
+        state.committed()
+    assert empty.exists() and state.part_paths()[-1] == empty
 
 
-def test_truncated_part_is_set_aside(state: RunState) -> None:
-    """A real part cut short (torn write) is not trusted: set aside, its rows not committed."""
+def test_truncated_part_stops_the_run(state: RunState) -> None:
+    """A real part cut short (torn write) is not trusted and not set aside: the read stops."""
     _write_part(state, "1", [_ok("a")])
     torn = _write_part(state, "2", [_ok(f"k{i}") for i in range(50)])
     data = torn.read_bytes()
     torn.write_bytes(data[: len(data) // 2])
-    index = state.committed()
-    assert index.keys().to_pylist() == ["a"]
-    assert (state.parts_dir / (torn.name + ".unreadable")).exists()
+    with pytest.raises(StateError, match=torn.name):
+        state.committed()
+    assert torn.read_bytes() == data[: len(data) // 2]
+
+
+def test_reporting_reader_gets_readable_parts_and_the_damaged_list(state: RunState) -> None:
+    """With `damaged`, the index covers the readable parts and the unreadable ones are listed, untouched."""
+    good = _write_part(state, "1", [_ok("a"), _ok("b")])
+    bad = state.parts_dir / "part-2-000000.parquet"
+    bad.write_bytes(b"junk" * 20)
+    before = _listing(state.dir)
+    damaged: list[Path] = []
+    index = state.committed(damaged=damaged)
+    assert index.parts == [good] and damaged == [bad]
+    assert sorted(index.keys().to_pylist()) == ["a", "b"]
+    assert _listing(state.dir) == before
+
+
+def test_part_removed_between_listing_and_reading_is_parts_changed(state: RunState, monkeypatch) -> None:
+    """A part a merging run deletes after it was listed raises PartsChanged (list again), not a damage report."""
+    gone = _write_part(state, "1", [_ok("a")])
+    listed = state.part_paths()
+    gone.unlink()
+    monkeypatch.setattr(state, "part_paths", lambda: listed)
+    with pytest.raises(PartsChanged):
+        state.committed(damaged=[])
 
 
 # -- stale temporaries, merge bookkeeping, run records --------------------------------------------
@@ -425,48 +459,71 @@ def test_last_run_without_runs_folder(tmp_path: Path) -> None:
     assert RunState(tmp_path / "never.parquet").last_run() is None
 
 
-def test_clear_forgets_everything(state: RunState, tmp_path: Path) -> None:
-    """`clear` removes parts, run records, fingerprint, merge record and the output itself."""
-    _write_part(state, "1", [_ok("a")])
-    state.write_fingerprint(fingerprint_of(_settings(tmp_path)))
-    state.record_run("r1", {"images": 1})
-    state.output.write_bytes(b"merged")
-    state.record_merge(state.part_paths())
-    neighbour = tmp_path / "other.parquet"
-    neighbour.write_bytes(b"keep")
-
-    state.clear()
-    assert not state.exists()
-    assert not state.output.exists()
-    assert not state.merged_path.exists()
-    assert state.part_paths() == []
-    assert state.last_run() is None
-    assert state.stored_fingerprint() is None
-    assert state.committed().size == 0
-    assert neighbour.read_bytes() == b"keep"
-    state.create()
-    assert state.parts_dir.is_dir() and state.runs_dir.is_dir()
-
-
-def test_clear_while_holding_the_lock_keeps_it(state: RunState) -> None:
-    """--overwrite clears under the lock: the lock stays held by us after `clear`."""
+def test_start_over_forgets_the_state_but_keeps_the_output(state: RunState, tmp_path: Path) -> None:
+    """`start_over` swaps in an empty state folder; the published output stays for the next publish to
+    replace, and no trash or half-made folder is left beside it."""
     state.acquire(wait=False)
     try:
-        state.clear()
+        _write_part(state, "1", [_ok("a")])
+        state.write_fingerprint(fingerprint_of(_settings(tmp_path)))
+        state.record_run("r1", {"images": 1})
+        state.output.write_bytes(b"merged")
+        state.record_merge(state.part_paths())
+        state.start_over({"model": "m"})
+        assert state.output.read_bytes() == b"merged"
+        assert state.stored_fingerprint() == {"model": "m"}
+        assert not state.merged_path.exists()
+        assert state.part_paths() == []
+        assert state.last_run() is None
+        assert state.committed().size == 0
+        assert state.parts_dir.is_dir() and state.runs_dir.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([state.output.name, state.dir.name])
+    finally:
+        state.release()
+
+
+def test_start_over_keeps_the_lock(state: RunState) -> None:
+    """--overwrite starts over under the lock: the new folder's lock is ours before it gets the real name."""
+    state.acquire(wait=False)
+    try:
+        state.start_over({"model": "m"})
         with pytest.raises(OutputLocked):
             RunState(state.output).acquire(wait=False)
     finally:
         state.release()
 
 
-def test_committed_is_fast_enough_for_many_rows(state: RunState) -> None:
-    """Indexing 200k committed rows over 20 parts takes well under a few seconds (Arrow, not Python loops)."""
+def test_leftovers_of_a_killed_start_over_are_removed(state: RunState) -> None:
+    """A kill between the two renames of `start_over` leaves hidden `new`/`trash` folders: the next run
+    removes them (and nothing else beside the output)."""
+    parent = state.dir.parent
+    (parent / f".{state.dir.name}.trash-4242" / "parts").mkdir(parents=True)
+    (parent / f".{state.dir.name}.new-4243").mkdir()
+    (parent / f".{state.dir.name}.trash-note").mkdir()  # not a name start_over gives: kept
+    state.acquire(wait=False)
+    try:
+        state.remove_stale_temporaries()
+    finally:
+        state.release()
+    assert sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) == [f".{state.dir.name}.trash-note"]
+
+
+def test_a_folder_holding_other_files_is_foreign(state: RunState) -> None:
+    """Only caprl's own entries (and its temporaries) may be in a state folder."""
+    state.acquire(wait=False)
+    state.release()
+    _write_part(state, "1", [_ok("a")])
+    (state.dir / ".fingerprint.json.12.tmp").write_text("{")
+    assert state.foreign_entries() == []
+    (state.dir / "thesis.tex").write_text("mine")
+    assert state.foreign_entries() == ["thesis.tex"]
+
+
+def test_committed_indexes_many_rows_over_many_parts(state: RunState) -> None:
+    """200k committed rows over 20 parts are all indexed (speed is measured in bench/, not here)."""
     for p in range(20):
         rows = [_ok(f"k{p * 10_000 + i:07d}") for i in range(10_000)]
         _write_part(state, f"{p:03d}", rows)
-    started = time.monotonic()
     index = state.committed()
-    elapsed = time.monotonic() - started
     assert index.size == 200_000
     assert sum(len(r) for r in index.rows_by_part()) == 200_000
-    assert elapsed < 5

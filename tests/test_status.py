@@ -32,7 +32,12 @@ def _png(path: Path) -> None:
     Image.new("RGB", (4, 4), (200, 10, 10)).save(path)
 
 
-def _make_state(output: Path, parts: list[list[dict]], record: dict | None = RUN_RECORD) -> RunState:
+def _make_state(
+    output: Path, parts: list[list[dict]], record: dict | None = RUN_RECORD, images: Path | None = None
+) -> RunState:
+    """A state holding `parts`; with `images`, each row's source is its file there, as a run records it."""
+    if images is not None:
+        parts = [[{**row, "source": str(images.resolve() / row["key"])} for row in rows] for rows in parts]
     state = RunState(output)
     state.create()
     settings = CaptionSettings(inputs=("x",), output=output, output_format="parquet")
@@ -77,7 +82,7 @@ def test_remaining_and_eta_with_inputs(tmp_path: Path) -> None:
     for key in committed + new:
         _png(images / key)
     output = tmp_path / "out.parquet"
-    _make_state(output, [[_ok("a.png"), _ok("sub/b.png")], [_err("c.png", ErrorKind.DECODE)]])
+    _make_state(output, [[_ok("a.png"), _ok("sub/b.png")], [_err("c.png", ErrorKind.DECODE)]], images=images)
 
     status = output_status(output, [str(images)])
     assert status["done"] == 3 and status["ok"] == 2 and status["errors"] == 1
@@ -101,7 +106,7 @@ def test_all_done_gives_zero_remaining(tmp_path: Path) -> None:
     images = tmp_path / "images"
     _png(images / "a.png")
     output = tmp_path / "out.parquet"
-    _make_state(output, [[_ok("a.png")]])
+    _make_state(output, [[_ok("a.png")]], images=images)
     status = output_status(output, [str(images)])
     assert status["remaining"] == 0
     assert status["eta_s"] == 0
@@ -113,7 +118,7 @@ def test_no_run_record_means_no_rate_or_eta(tmp_path: Path) -> None:
     _png(images / "a.png")
     _png(images / "b.png")
     output = tmp_path / "out.parquet"
-    _make_state(output, [[_ok("a.png")]], record=None)
+    _make_state(output, [[_ok("a.png")]], record=None, images=images)
     status = output_status(output, [str(images)])
     assert status["last_run"] is None
     assert status["images_per_s"] is None
@@ -147,7 +152,7 @@ def test_format_status_contains_the_numbers(tmp_path: Path) -> None:
     for name in ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "g.png", "h.png", "i.png", "j.png", "k.png", "l.png"]:
         _png(images / name)
     output = tmp_path / "out.parquet"
-    _make_state(output, [[_ok("a.png"), _ok("b.png"), _ok("c.png"), _err("d.png", ErrorKind.ENGINE)]])
+    _make_state(output, [[_ok("a.png"), _ok("b.png"), _ok("c.png"), _err("d.png", ErrorKind.ENGINE)]], images=images)
     status = output_status(output, [str(images)])
     assert (status["done"], status["ok"], status["errors"], status["remaining"]) == (4, 3, 1, 8)
     text = format_status(status)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caprl_cli.execute.stopping import EXIT_CODE_OF, Stopper, StopReason, deadline_margin
+from caprl_cli.execute.stopping import Stopper, StopReason, deadline_margin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,15 +54,12 @@ def test_should_stop_true_after_deadline() -> None:
     assert stopper.should_stop()
     assert stopper.reason is StopReason.DEADLINE
     assert stopper.should_stop()
-    assert EXIT_CODE_OF[stopper.reason] == 3
 
 
 def test_deadline_reached_while_running() -> None:
     """A run started just now with a tiny runtime (margin >= 3 s) is past its deadline at once."""
     stopper = Stopper(max_runtime_s=3.01, started=time.monotonic())
-    deadline = time.monotonic() + 2
-    while not stopper.should_stop() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    assert _poll(stopper.should_stop), "the deadline 10 ms ahead never passed"
     assert stopper.reason is StopReason.DEADLINE
 
 
@@ -86,28 +83,35 @@ def installed():
             signal.signal(signum, handler)
 
 
-def _wait_for_reason(stopper: Stopper, timeout: float = 2.0) -> None:
+def _poll(condition, timeout: float = 60.0) -> bool:
+    """Whether `condition()` became true; polled, with a bound generous for a loaded machine."""
     deadline = time.monotonic() + timeout
-    while stopper.reason is None and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.001)
+    return True
+
+
+def _wait_for_reason(stopper: Stopper) -> None:
+    assert _poll(lambda: stopper.reason is not None), "the signal handler never ran"
 
 
 def test_sigterm_sets_reason_without_killing(installed: Stopper) -> None:
-    """A first SIGTERM only asks the run to stop: reason SIGTERM, exit code 143, process alive."""
+    """A first SIGTERM only asks the run to stop: reason SIGTERM, process alive (the exit codes are
+    checked on a real process in test_second_signal_exits_at_once)."""
     assert not installed.should_stop()
     os.kill(os.getpid(), signal.SIGTERM)
     _wait_for_reason(installed)
     assert installed.reason is StopReason.SIGTERM
     assert installed.should_stop()
-    assert EXIT_CODE_OF[installed.reason] == 143
 
 
 def test_sigint_sets_reason_without_raising(installed: Stopper) -> None:
-    """A first SIGINT (Ctrl-C) does not raise KeyboardInterrupt; it sets reason SIGINT (exit code 130)."""
+    """A first SIGINT (Ctrl-C) does not raise KeyboardInterrupt; it sets reason SIGINT."""
     os.kill(os.getpid(), signal.SIGINT)
     _wait_for_reason(installed)
     assert installed.reason is StopReason.SIGINT
-    assert EXIT_CODE_OF[installed.reason] == 130
 
 
 def test_signal_after_deadline_replaces_reason_without_exiting() -> None:
@@ -118,9 +122,7 @@ def test_signal_after_deadline_replaces_reason_without_exiting() -> None:
     try:
         assert stopper.should_stop() and stopper.reason is StopReason.DEADLINE
         os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 2
-        while stopper.reason is StopReason.DEADLINE and time.monotonic() < deadline:
-            time.sleep(0.001)
+        assert _poll(lambda: stopper.reason is not StopReason.DEADLINE), "the signal handler never ran"
         assert stopper.reason is StopReason.SIGTERM
     finally:
         stopper.restore()
@@ -155,10 +157,12 @@ from caprl_cli.execute.stopping import Stopper
 stopper = Stopper()
 stopper.install()
 os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-time.sleep(0.05)
+deadline = time.monotonic() + 60
+while stopper.reason is None and time.monotonic() < deadline:
+    time.sleep(0.001)
 print("first:", stopper.reason.value if stopper.reason else None, flush=True)
 os.kill(os.getpid(), getattr(signal, sys.argv[2]))
-time.sleep(2)
+time.sleep(60)  # the second signal's handler exits the process during this sleep
 print("still running", flush=True)
 sys.exit(0)
 """
@@ -172,7 +176,7 @@ def test_second_signal_exits_at_once(first: str, second: str, code: int, reason:
     """In a child process: the first signal only sets the reason; the second exits at once with its code."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_TWO_SIGNALS), first, second],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == code, done.stderr
     assert done.stdout.splitlines() == [f"first: {reason}"]

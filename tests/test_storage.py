@@ -1,8 +1,9 @@
 """Local paths and fsspec URLs read, written and named alike, with credentials kept out of every text.
 
-`redact` strips user:password@ and query strings from any URL in a message (and leaves plain text and
-credential-free URLs alone), locations are classified and joined the same way for disks and object
-stores, `--storage-option` pairs parse to fsspec arguments, reads work on local, file://, memory://
+`redact` strips user:password@ and hides the values of signing and credential parameters in any URL in a
+message (and leaves plain text and credential-free URLs alone), `url_identity` keys a URL by what it
+names (signing parameters aside), locations are classified and joined the same way for disks and
+object stores, `--storage-option` pairs parse to fsspec arguments, reads work on local, file://, memory://
 and HTTP, and `upload` publishes atomically without leaving its temporary file behind.
 """
 
@@ -29,6 +30,7 @@ from caprl_cli.storage import (
     redact,
     scheme_of,
     upload,
+    url_identity,
 )
 
 # --- redact --------------------------------------------------------------------------------------
@@ -39,32 +41,94 @@ from caprl_cli.storage import (
     [
         ("http://user:pass@example.com/a.jpg", "http://example.com/a.jpg"),
         ("https://token@example.com:8443/a.jpg", "https://example.com:8443/a.jpg"),
-        ("https://example.com/a.jpg?X-Amz-Signature=abc&X-Amz-Credential=k", "https://example.com/a.jpg?REDACTED"),
+        (
+            "https://example.com/a.jpg?X-Amz-Signature=abc&X-Amz-Credential=k",
+            "https://example.com/a.jpg?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED",
+        ),
         ("s3://key:secret@bucket/dir/x.tar", "s3://bucket/dir/x.tar"),
-        ("https://u:p@h/x.tar?sig=1", "https://h/x.tar?REDACTED"),
+        ("https://u:p@h/x.tar?sig=1", "https://h/x.tar?sig=REDACTED"),
+        ("https://h/img.jpg?id=1&token=t0k&size=big", "https://h/img.jpg?id=1&token=REDACTED&size=big"),
+        ("https://h/a.jpg#access_token=abc&state=x", "https://h/a.jpg#access_token=REDACTED&state=x"),
     ],
 )
 def test_redact_one_url(text: str, expected: str) -> None:
-    """user:password@ goes, and a query string is replaced as a whole."""
+    """user:password@ goes, the values of signing and credential parameters are replaced, and every
+    other parameter stays: redaction hides secrets without merging distinct objects."""
     assert redact(text) == expected
+
+
+def test_redact_keeps_distinct_objects_distinct() -> None:
+    """`?id=1` and `?id=2` are two objects: their records stay apart (whole-query redaction merged them)."""
+    assert redact("http://h/img.jpg?id=1") != redact("http://h/img.jpg?id=2")
+
+
+# Every kind of signing or credential parameter, each with a value that must never be recorded.
+SECRET_PARAMETERS = [
+    "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "x-amz-date", "AWSAccessKeyId", "Signature",
+    "Expires", "X-Goog-Signature", "X-Goog-Credential", "GoogleAccessId", "sig", "se", "sp", "sv", "st", "spr",
+    "srt", "ss", "sr", "skoid", "sktid", "Policy", "Key-Pair-Id", "token", "access_token", "api_key", "apikey",
+    "API-KEY", "key", "secret", "password", "auth", "credential", "session", "hf_token", "client_secret",
+]
+
+
+@pytest.mark.parametrize("name", SECRET_PARAMETERS)
+def test_secret_parameters_are_hidden_and_not_identity(name: str) -> None:
+    """Each signing or credential parameter (any case) has its value hidden by `redact` and is no part
+    of `url_identity`; the parameters around it are kept, in order."""
+    url = f"https://h/img.jpg?a=1&{name}=V4LUE-s3cr3t&b=2"
+    assert "s3cr3t" not in redact(url)
+    assert redact(url) == f"https://h/img.jpg?a=1&{name}=REDACTED&b=2"
+    assert url_identity(url) == "https://h/img.jpg?a=1&b=2"
+    assert url_identity(url.replace(name, name.upper())) == url_identity(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "identity"),
+    [
+        ("http://h/img.jpg?id=1", "http://h/img.jpg?id=1"),
+        ("http://user:pw@h/img.jpg?id=2#part", "http://h/img.jpg?id=2"),
+        ("https://b.s3.example/k/x.jpg?X-Amz-Algorithm=A&X-Amz-Signature=s", "https://b.s3.example/k/x.jpg"),
+        ("https://h/x.jpg?sv=2022&se=2030&sp=r&sig=abc&v=3", "https://h/x.jpg?v=3"),
+        ("https://h/x.jpg?b=%2F&a=2&b=1", "https://h/x.jpg?b=%2F&a=2&b=1"),
+        ("simplecache::s3://k:s@bucket/x.jpg?token=t&v=1", "simplecache::s3://bucket/x.jpg?v=1"),
+        ("memory:///bucket/a.jpg", "memory:///bucket/a.jpg"),
+        ("/data/images/a.jpg", "/data/images/a.jpg"),
+    ],
+)
+def test_url_identity(url: str, identity: str) -> None:
+    """A URL's identity: no user:password@, no signing parameters, no fragment; every other parameter
+    kept as written and in order."""
+    assert url_identity(url) == identity
+
+
+def test_url_identity_tells_objects_apart_and_survives_signing_again() -> None:
+    """Distinct objects keep distinct identities; the same object signed again keeps its identity."""
+    first = "https://h/img.jpg?id=1&X-Amz-Date=20240101&X-Amz-Signature=aaa"
+    again = "https://h/img.jpg?id=1&X-Amz-Date=20250606&X-Amz-Signature=bbb&X-Amz-Security-Token=t"
+    other = "https://h/img.jpg?id=2&X-Amz-Date=20240101&X-Amz-Signature=aaa"
+    assert url_identity(first) == url_identity(again) == "https://h/img.jpg?id=1"
+    assert url_identity(other) != url_identity(first)
 
 
 def test_redact_every_url_in_a_message() -> None:
     """Several URLs quoted in one message are each redacted; the words around them stay."""
     message = (
         "cannot open 'https://alice:pw1@one.example/a.tar?sig=s1' "
-        "nor \"http://bob:pw2@two.example/b.jpg\" (tried s3://k:pw3@bucket/c.jpg?t=s4)"
+        "nor \"http://bob:pw2@two.example/b.jpg\" (tried s3://k:pw3@bucket/c.jpg?token=s4&v=2)"
     )
     redacted = redact(message)
-    for secret in ("alice", "pw1", "s1", "bob", "pw2", "pw3", "t=s4"):
+    for secret in ("alice", "pw1", "s1", "bob", "pw2", "pw3", "s4"):
         assert secret not in redacted
-    assert redacted.startswith("cannot open 'https://one.example/a.tar?REDACTED' nor \"http://two.example/b.jpg\"")
-    assert "s3://bucket/c.jpg?REDACTED" in redacted
+    assert redacted.startswith(
+        "cannot open 'https://one.example/a.tar?sig=REDACTED' nor \"http://two.example/b.jpg\""
+    )
+    assert "s3://bucket/c.jpg?token=REDACTED&v=2)" in redacted
 
 
 def test_redact_chained_url() -> None:
     """In `simplecache::s3://...` the link carrying credentials is redacted, the chain kept."""
-    assert redact("simplecache::s3://key:secret@bucket/x.tar?token=t") == "simplecache::s3://bucket/x.tar?REDACTED"
+    chained = "simplecache::s3://key:secret@bucket/x.tar?token=t"
+    assert redact(chained) == "simplecache::s3://bucket/x.tar?token=REDACTED"
 
 
 @pytest.mark.parametrize(
@@ -316,3 +380,27 @@ def test_missing_backend_hint() -> None:
     unknown = missing_backend_hint("weird://b/k", ImportError("the import failure"))
     assert "pip install" not in unknown
     assert "the import failure" in unknown
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_remove_stale_uploads_takes_only_this_locations_temporaries(memory_fs, tmp_path: Path, remote: bool) -> None:
+    """What a killed upload of `caps.parquet` left goes; the output, other outputs' temporaries and
+    look-alikes stay."""
+    from caprl_cli.storage import remove_stale_uploads
+
+    names = ["caps.parquet", ".caps.parquet.123.tmp", ".caps.parquet.9.tmp", ".caps.parquet.summary.json.5.tmp",
+             ".caps.parquet2.7.tmp", ".caps.parquet.x.tmp", "caps.parquet.1.tmp"]
+    if remote:
+        for name in names:
+            memory_fs.pipe(f"/bucket/out/{name}", b"x")
+        location = "memory://bucket/out/caps.parquet"
+        listed = lambda: sorted(path.rsplit("/", 1)[1] for path in memory_fs.ls("/bucket/out", detail=False))  # noqa: E731
+    else:
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        location = str(tmp_path / "caps.parquet")
+        listed = lambda: sorted(path.name for path in tmp_path.iterdir())  # noqa: E731
+    assert remove_stale_uploads(location) == 2
+    assert listed() == sorted(set(names) - {".caps.parquet.123.tmp", ".caps.parquet.9.tmp"})
+    assert remove_stale_uploads(location + ".summary.json") == 1
+    assert remove_stale_uploads("memory://bucket/nowhere/caps.parquet") == 0

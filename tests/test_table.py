@@ -13,7 +13,7 @@ import pytest
 from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs.rows import COLUMNS, SCHEMA, caption_row, error_row
 from caprl_cli.outputs.atomic import temp_path_for, write_json_atomically
-from caprl_cli.outputs.row_writers import PROVENANCE_KEY, JsonlRowWriter, ParquetRowWriter, open_writer
+from caprl_cli.outputs.row_writers import JsonlRowWriter, ParquetRowWriter, open_writer
 
 PROVENANCE = {"model": "tiny", "seed": 7, "settings": {"max_new_tokens": 32}, "note": "café ✓"}
 WRITERS = {"parquet": ParquetRowWriter, "jsonl": JsonlRowWriter}
@@ -109,7 +109,6 @@ def test_parquet_provenance_in_key_value_metadata(tmp_path: Path) -> None:
     writer = ParquetRowWriter(path)
     _write_all(writer)
     writer.commit(PROVENANCE)
-    assert PROVENANCE_KEY == "caprl"
     metadata = pq.read_metadata(path).metadata
     assert b"caprl" in metadata
     assert json.loads(metadata[b"caprl"].decode("utf-8")) == PROVENANCE

@@ -20,7 +20,7 @@ from caprl_cli.inputs.sample import Sample
 from caprl_cli.model.profile import ModelProfile, load_processor, profile_from_processor
 from caprl_cli.model.source import ModelSource, resolve_model
 from caprl_cli.outputs.provenance import ModelFacts, RunCounts
-from caprl_cli.outputs.rows import Row, caption_row, error_kind_of, error_row
+from caprl_cli.outputs.rows import SIGNATURE, Row, caption_row, error_kind_of, error_row
 from caprl_cli.prepare.pool import Failed, Outcome, Prepared, Preprocessor
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.parts import PartWriter
@@ -60,9 +60,9 @@ class RowSink:
 
 
 def failed_row(failed: Failed, model: str) -> Row:
-    """The error row of an image that never reached the engine."""
+    """The error row of an image that never reached the engine (with its signature, for the state)."""
     sample = failed.sample
-    return error_row(
+    row = error_row(
         key=sample.key,
         source=sample.source,
         model=model,
@@ -72,14 +72,17 @@ def failed_row(failed: Failed, model: str) -> Row:
         height=failed.height,
         meta=sample.meta,
     )
+    row[SIGNATURE] = sample.signature
+    return row
 
 
 def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = False) -> Row:
-    """The row of an image the engine handled: a caption, or an engine error. With `keep_image`, a
-    captioned row also carries the original bytes, for WebDataset shards that hold the images."""
+    """The row of an image the engine handled: a caption, or an engine error, with the image's signature
+    for the state. With `keep_image`, a captioned row also carries the original bytes, for WebDataset
+    shards that hold the images."""
     sample = item.sample
     if caption.error is not None:
-        return error_row(
+        row = error_row(
             key=sample.key,
             source=sample.source,
             model=model,
@@ -89,6 +92,8 @@ def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = 
             height=item.height,
             meta=sample.meta,
         )
+        row[SIGNATURE] = sample.signature
+        return row
     row = caption_row(
         key=sample.key,
         source=sample.source,
@@ -101,6 +106,7 @@ def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = 
         height=item.height,
         meta=sample.meta,
     )
+    row[SIGNATURE] = sample.signature
     if keep_image:
         row["image"], row["image_ext"] = sample.data, sample.ext
     return row
@@ -183,6 +189,7 @@ def caption_plan(
         settings.workers,
         keep_bytes=keep_images,
         storage_options=settings.storage_options,
+        retries=settings.retries,
     )
     sink = RowSink(parts, Progress(0, enabled=False), plan)
     engine: Engine | None = None

@@ -11,11 +11,11 @@ from __future__ import annotations
 import posixpath
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs.sample import is_hidden, is_image_name
+from caprl_cli.inputs.sample import is_hidden, is_image_name, listing_signature
 from caprl_cli.inputs.shards import is_shard_name
 from caprl_cli.storage import StorageOptions, filesystem, open_input, redact
 
@@ -67,10 +67,12 @@ def read_file_list(location: str, options: StorageOptions | None = None, stdin: 
 
 @dataclass(frozen=True)
 class RemoteEntry:
-    """One file found under a remote folder: its key (relative POSIX path) and its full URL."""
+    """One file found under a remote folder: its key (relative POSIX path) and its full URL; its
+    signature, from the listing's detail, is what it was found with, not what it is (not compared)."""
 
     key: str
     url: str
+    signature: str | None = field(default=None, compare=False)
 
 
 def walk_remote_folder(url: str, options: StorageOptions | None = None) -> tuple[list[RemoteEntry], list[RemoteEntry]]:
@@ -84,17 +86,17 @@ def walk_remote_folder(url: str, options: StorageOptions | None = None) -> tuple
     try:
         if not fs.exists(inner):
             raise UsageError(f"cannot list {redact(url)}: no such folder")
-        found = fs.find(inner, withdirs=False)
+        found = fs.find(inner, withdirs=False, detail=True)
     except OSError as exc:
         raise UsageError(f"cannot list {redact(url)}: {exc.strerror or type(exc).__name__}") from None
     images: list[RemoteEntry] = []
     shards: list[RemoteEntry] = []
-    for path in found:
+    for path, info in found.items():
         key = _relative_key(path, inner)
         if any(is_hidden(part) for part in key.split("/")):
             continue
         if is_image_name(key):
-            images.append(RemoteEntry(key, _full_url(fs, path, url)))
+            images.append(RemoteEntry(key, _full_url(fs, path, url), listing_signature(info)))
         elif is_shard_name(key):
             shards.append(RemoteEntry(key, _full_url(fs, path, url)))
     return sorted(images, key=_by_key), sorted(shards, key=_by_key)

@@ -4,11 +4,13 @@ Large corpora (CapRL-2M among them) ship as a manifest of image paths plus per-i
 folder. A manifest can hold millions of records on object storage, so it is read line by line or batch
 by batch, never whole. A bad record never stops the run: it becomes a MANIFEST error sample keyed by its
 line or row number. Only a manifest that cannot be read at all, or names no image column, is a usage
-error. Duplicate image values yield duplicate samples; the caller dedupes.
+error; one that breaks off part-way (or fails to open transiently) ends in one error sample keyed
+`<manifest name>@<line or row>`, `unavailable` when the failure was transient. Duplicate image values yield duplicate samples; the caller dedupes.
 
-A sample's key is the image value as written (a URL's credentials removed: a signed query changes from
+A sample's key is the image value as written (a URL by its `url_identity`: a signed query changes from
 run to run, a key must not); an image embedded as bytes (a `datasets` Image struct) is keyed by its
-stored path, else `<manifest name>#<row>`, and its source is `<manifest>#<row>`.
+stored path, else `<manifest name>#<row>`, and its source is `<manifest>#<row>`. Its signature is a
+stat of a local image path, or a short hash of embedded bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs.sample import Sample, image_ext, is_image_name
-from caprl_cli.storage import StorageOptions, is_url, join, open_input, path_part, redact
+from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
+from caprl_cli.inputs.sample import Sample, content_signature, image_ext, is_image_name, path_signature
+from caprl_cli.storage import StorageOptions, is_url, join, local_path_of, open_input, path_part, redact, url_identity
 
 DEFAULT_IMAGE_COLUMNS = ("image", "image_path", "path", "url", "file_name")
 MANIFEST_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -37,6 +40,11 @@ def is_manifest_name(name: str) -> bool:
     return path_part(name).lower().endswith(MANIFEST_SUFFIXES)
 
 
+def manifest_name(location: str) -> str:
+    """The manifest's file name: what its error rows are keyed by (`<name>#<line>`, `<name>@<line>`)."""
+    return posixpath.basename(path_part(location)) or location
+
+
 def manifest_samples(
     location: str,
     *,
@@ -44,6 +52,7 @@ def manifest_samples(
     image_root: str | None = None,
     keep_meta: bool = True,
     options: StorageOptions | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> Iterator[Sample]:
     """One sample per record of the manifest at `location` (a local path or an fsspec URL), in order.
 
@@ -51,23 +60,63 @@ def manifest_samples(
     and URLs are used as written. With `keep_meta`, the record's other columns become the sample's meta:
     bytes are left out (binary blobs do not belong in JSON text), other values JSON cannot hold
     (timestamps, decimals) become strings, NaN and infinities become null.
+
+    A remote manifest that fails to open transiently is tried `retries` more times. A manifest that
+    cannot be read at all for good (corrupt, not Parquet) is a usage error; once records were read, a
+    failure to read on ends the manifest with one error sample keyed `<name>@<line or row>` (the
+    records before it stand): UNAVAILABLE when it failed transiently (a transient failure to open
+    gives `<name>@0`), MANIFEST otherwise.
     """
-    name = posixpath.basename(path_part(location)) or location
+    name = manifest_name(location)
     root = image_root if image_root is not None else _folder_of(location)
     if not is_url(root):
         root = os.path.abspath(os.path.expanduser(root))
     parquet = path_part(location).lower().endswith(".parquet")
+    retries = retries if is_url(location) else 0
     records = (
-        _parquet_records(location, options, image_column, keep_meta) if parquet else _jsonl_records(location, options)
+        _parquet_records(location, options, image_column, keep_meta, retries)
+        if parquet
+        else _jsonl_records(location, options, retries)
     )
     column = None
-    for n, record, problem in records:
-        if record is None:
-            yield _error(location, name, n, problem or "unreadable record")
-            continue
-        column = column or _pick_column(record, image_column, location)
-        if n:  # row 0 is a Parquet schema, not a record
-            yield _sample(location, name, n, record, column, root, keep_meta)
+    started, n = False, 0
+    try:
+        for n, record, problem in records:
+            started = True
+            if record is None:
+                yield _error(location, name, n, problem or "unreadable record")
+                continue
+            column = column or _pick_column(record, image_column, location)
+            if n:  # row 0 is a Parquet schema, not a record
+                yield _sample(location, name, n, record, column, root, keep_meta)
+    except _ReadFailure as failure:
+        if not started and not failure.transient:
+            raise UsageError(f"cannot read manifest {redact(location)}: {failure.reason}") from None
+        yield _broken_off(location, name, n + 1 if started else 0, failure, retries)
+
+
+class _ReadFailure(Exception):
+    """Reading the manifest failed: `reason` (safe to show), and whether it may work next time."""
+
+    def __init__(self, reason: str, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+def _broken_off(location: str, name: str, position: int, failure: _ReadFailure, retries: int) -> Sample:
+    """The error sample where reading stopped (`<name>@<line or row>`; 0: it did not open)."""
+    where = "could not be opened" if position == 0 else f"broke off at line or row {position}"
+    if failure.transient:
+        message = f"manifest {redact(location)} {where} (tried {retries + 1} times; the next run reads it again)"
+    else:
+        message = f"manifest {redact(location)} {where}"
+    return Sample(
+        key=f"{name}@{position}",
+        source=redact(location),
+        error_kind=ErrorKind.UNAVAILABLE if failure.transient else ErrorKind.MANIFEST,
+        error_message=f"{message}: {failure.reason}",
+    )
 
 
 def _pick_column(record: dict[str, Any], wanted: str | None, location: str) -> str:
@@ -89,11 +138,16 @@ def _sample(location: str, name: str, n: int, record: dict, column: str, root: s
         data, value = value.get("bytes"), value.get("path")
         if isinstance(data, (bytes, bytearray)) and data:
             key = value if isinstance(value, str) and value else f"{name}#{n}"
-            return Sample(key=key, source=f"{redact(location)}#{n}", data=bytes(data), meta=meta, ext=_ext(key))
+            source = f"{redact(location)}#{n}"
+            signature = content_signature(bytes(data))
+            return Sample(key=key, source=source, data=bytes(data), meta=meta, ext=_ext(key), signature=signature)
     if not isinstance(value, str) or not value.strip():
         return _error(location, name, n, f"record has no image path in column {column!r}")
     path = join(root, value)
-    return Sample(key=redact(value), source=redact(path), path=path, meta=meta, ext=_ext(value))
+    key = url_identity(value) if is_url(value) else value
+    local = local_path_of(path)
+    signature = path_signature(local) if local is not None else None
+    return Sample(key=key, source=redact(path), path=path, meta=meta, ext=_ext(value), signature=signature)
 
 
 def _meta(record: dict[str, Any], column: str) -> str | None:
@@ -123,9 +177,11 @@ def _error(location: str, name: str, n: int, message: str) -> Sample:
     return Sample(key=f"{name}#{n}", source=redact(location), error_kind=ErrorKind.MANIFEST, error_message=message)
 
 
-def _jsonl_records(location: str, options: StorageOptions | None) -> Iterator[tuple[int, dict | None, str | None]]:
+def _jsonl_records(
+    location: str, options: StorageOptions | None, retries: int
+) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, record, None) per non-blank line, or (line number, None, what is wrong with it)."""
-    for n, raw in enumerate(_lines(location, options), start=1):
+    for n, raw in enumerate(_lines(location, options, retries), start=1):
         try:
             text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
             record = json.loads(text) if text else None
@@ -138,9 +194,10 @@ def _jsonl_records(location: str, options: StorageOptions | None) -> Iterator[tu
             yield n, None, f"line holds a JSON {type(record).__name__}, not an object"
 
 
-def _lines(location: str, options: StorageOptions | None) -> Iterator[bytes]:
-    """The manifest's raw lines, read in chunks: streamed HTTP files cannot seek back for readline."""
-    with _opened(location, options, stream=True) as raw:
+def _lines(location: str, options: StorageOptions | None, retries: int) -> Iterator[bytes]:
+    """The manifest's raw lines, read in chunks: streamed HTTP files cannot seek back for readline.
+    A chunk that fails is not read again: a broken stream cannot resume where it stopped."""
+    with _opened(location, options, stream=True, retries=retries) as raw:
         handle: IO[bytes] = gzip.GzipFile(fileobj=raw) if path_part(location).lower().endswith(".gz") else raw
         pending = b""
         while True:
@@ -154,13 +211,13 @@ def _lines(location: str, options: StorageOptions | None) -> Iterator[bytes]:
 
 
 def _parquet_records(
-    location: str, options: StorageOptions | None, wanted: str | None, keep_meta: bool
+    location: str, options: StorageOptions | None, wanted: str | None, keep_meta: bool, retries: int
 ) -> Iterator[tuple[int, dict | None, str | None]]:
     """(0, the schema as an empty record) first, then (row number, row, None) batch by batch; without
     meta only the image column is read."""
     import pyarrow.parquet as pq
 
-    with _opened(location, options, stream=False) as handle:
+    with _opened(location, options, stream=False, retries=retries) as handle:
         parquet = _guarded(location, pq.ParquetFile, handle)
         schema = dict.fromkeys(parquet.schema_arrow.names)
         yield 0, schema, None
@@ -173,20 +230,27 @@ def _parquet_records(
                 yield n, row, None
 
 
-def _opened(location: str, options: StorageOptions | None, stream: bool) -> IO[bytes]:
-    return _guarded(location, open_input, location, options, stream)
+def _opened(location: str, options: StorageOptions | None, stream: bool, retries: int) -> IO[bytes]:
+    """The open manifest; a transient failure to open is tried `retries` more times."""
+    return _guarded(location, with_retries, lambda: open_input(location, options, stream), retries)
 
 
 def _guarded(location: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """`call(*args)`, with any failure to read the manifest turned into a usage error naming it."""
+    """`call(*args)`, with any failure to read the manifest turned into a `_ReadFailure`."""
     import pyarrow as pa
 
     try:
         return call(*args, **kwargs)
-    except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
+    except Exception as exc:
+        transient = is_transient(exc)
+        if not transient and not isinstance(exc, (OSError, EOFError, zlib.error, pa.ArrowException)):
+            raise
         # Backends put the raw path (query and all) into their messages: only Arrow's, about content, pass.
         reason = str(exc) if isinstance(exc, pa.ArrowException) else getattr(exc, "strerror", None)
-        raise UsageError(f"cannot read manifest {redact(location)}: {reason or type(exc).__name__}") from None
+        cause = exc.__cause__
+        if reason is None and cause is not None and is_transient(cause):
+            reason = redact(f"{type(cause).__name__}: {cause}")  # the 503 behind fsspec's FileNotFoundError
+        raise _ReadFailure(reason or type(exc).__name__, transient) from None
 
 
 def _folder_of(location: str) -> str:

@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import TextIO
 
 from caprl_cli.errors import UsageError
-from caprl_cli.inputs.sample import Sample, image_ext, is_image_name
+from caprl_cli.inputs.sample import Sample, image_ext, is_image_name, path_signature
 from caprl_cli.inputs.walk import walk_images
 from caprl_cli.inputs.locations import expand_shard_spec, read_file_list, walk_remote_folder
 from caprl_cli.inputs.manifests import is_manifest_name
 from caprl_cli.inputs.shards import is_shard_name
-from caprl_cli.storage import StorageOptions, is_url, local_path_of, path_part, redact, require_backend
+from caprl_cli.storage import (
+    StorageOptions,
+    is_url,
+    local_path_of,
+    path_part,
+    redact,
+    require_backend,
+    url_identity,
+)
 
 log = logging.getLogger("caprl")
 
@@ -115,14 +123,23 @@ class InputResolver:
     def add_url(self, url: str, listed_in: str | None) -> None:
         name = path_part(url)
         if is_image_name(name):
-            source = redact(url)
-            self.add_sample(Sample(key=source, source=source, path=url, ext=image_ext(name)))
+            # Keyed by what the URL names (distinct objects stay distinct, a re-signed one keeps its
+            # key), recorded with its secrets hidden; nothing cheap tells its content, so no signature.
+            self.add_sample(Sample(key=url_identity(url), source=redact(url), path=url, ext=image_ext(name)))
             return
         images, shards = walk_remote_folder(url, self.options.storage_options)
         if not images and not shards:
             log.warning("no images or shards found in %s", redact(url))
         for entry in images:
-            self.add_sample(Sample(key=entry.key, source=redact(entry.url), path=entry.url, ext=image_ext(entry.key)))
+            self.add_sample(
+                Sample(
+                    key=entry.key,
+                    source=redact(entry.url),
+                    path=entry.url,
+                    ext=image_ext(entry.key),
+                    signature=entry.signature,
+                )
+            )
         for entry in shards:
             self.add_shard(shard_ref(entry.url))
 
@@ -132,19 +149,20 @@ class InputResolver:
         if path.is_dir():
             base = path.resolve()
             for found in walk_images(path, wanted=lambda name: is_image_name(name) or is_shard_name(name)):
-                relative = found.relative_to(path).as_posix()
-                if self.options.is_output(found):
+                relative = found.path.relative_to(path).as_posix()
+                if self.options.is_output(found.path):
                     continue
-                if is_shard_name(found.name):
-                    self.add_shard(shard_ref(str(found)))
+                if is_shard_name(found.path.name):
+                    self.add_shard(shard_ref(str(found.path)))
                 else:
-                    source = str(base / relative)
-                    self.add_sample(Sample(key=relative, source=source, path=source, ext=image_ext(found.name)))
+                    source, ext, signature = str(base / relative), image_ext(found.path.name), found.signature
+                    self.add_sample(Sample(key=relative, source=source, path=source, ext=ext, signature=signature))
         elif path.is_file() and is_image_name(path.name):
             source = str(path.resolve())
             # An image named on the command line is keyed by its name; one in a list by the line itself.
             key = raw if listed_in else path.name
-            self.add_sample(Sample(key=key, source=source, path=str(path), ext=image_ext(path.name)))
+            ext, signature = image_ext(path.name), path_signature(path)
+            self.add_sample(Sample(key=key, source=source, path=str(path), ext=ext, signature=signature))
         elif listed_in is not None:
             # A list of a million paths names a few that are gone or are no images: each becomes an
             # error row (read or decode) when it is read, and the run goes on.

@@ -1,14 +1,17 @@
 """The sample: one image to caption, with the key that names it in every output, and image names.
 
 Listing never opens an image; it only decides keys (the path relative to the input root, POSIX, with
-extension) and sources. Keys are what later stages, outputs and resumed runs match on, so they must be
-stable across runs and unique within one.
+extension), sources and, where it is cheap, a signature of the image's content. Keys are what later
+stages, outputs and resumed runs match on, so they must be stable across runs and unique within one;
+signatures let a later run tell the same image reached another way from a different one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from caprl_cli.errors import ErrorKind
 
@@ -28,9 +31,49 @@ class Sample:
     path: str | None = None
     data: bytes | None = None
     meta: str | None = None  # JSON text: the sample's side members or manifest columns
+    signature: str | None = None  # a cheap fingerprint of the image's content, known at listing time
     ext: str | None = None  # the image's extension as stored ("jpg"), for WebDataset output members
     error_kind: ErrorKind | None = None
     error_message: str | None = None
+
+
+def stat_signature(info: os.stat_result) -> str:
+    """A local file's signature from a stat: `size:mtime_ns`. A rename or a moved folder keeps it; a
+    file written again in place changes it."""
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def path_signature(path: str | os.PathLike[str]) -> str | None:
+    """The stat signature of a local file; None when it cannot be stat'ed (it becomes a read error)."""
+    try:
+        return stat_signature(os.stat(path))
+    except OSError:
+        return None
+
+
+def content_signature(data: bytes) -> str:
+    """The signature of bytes already in memory (a shard member, a manifest's embedded image): a short
+    content hash, so the same image read from a moved shard or manifest is recognised."""
+    return "blake2b:" + hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def listing_signature(info: dict[str, Any]) -> str | None:
+    """The signature of a remote file from its fsspec listing detail: size plus the first content tag
+    the backend gives (ETag, MD5, generation) or else its modification time; None when it gives
+    neither, since a size alone cannot tell two images apart."""
+    size = info.get("size")
+    for name in _CONTENT_TAGS:
+        value = info.get(name)
+        if value not in (None, ""):
+            return f"{size}:{str(value).strip(chr(34))}"
+    return None
+
+
+# Listing detail names, across fsspec backends, of a content tag (first) or a modification time.
+_CONTENT_TAGS = (
+    "ETag", "etag", "md5Hash", "content_md5", "generation", "version_id",
+    "mtime", "LastModified", "last_modified", "updated", "created",
+)
 
 
 def is_image_name(name: str) -> bool:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from caprl_cli.errors import ErrorKind
-from caprl_cli.inputs.sample import IMAGE_EXTENSIONS, Sample
+from caprl_cli.inputs.retry import is_transient
+from caprl_cli.inputs.sample import IMAGE_EXTENSIONS, Sample, content_signature
 from caprl_cli.storage import path_part
 
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
@@ -100,7 +101,18 @@ class _Group:
 
 
 class _Damage(Exception):
-    """`(offset, reason)`: the shard cannot be read on from `offset`, a byte position in the uncompressed tar."""
+    """`(offset, reason, transient)`: the shard cannot be read on from `offset`, a byte position in the
+    uncompressed tar; `transient` when the stream broke off (a reset, a timeout) rather than the bytes
+    being bad, so a later read may get further."""
+
+
+def _damage_of(offset: int, exc: Exception) -> _Damage:
+    """The damage a read failure means, or `exc` itself again when it is neither bad data nor a broken
+    stream (a bug must not pass for a damaged shard)."""
+    transient = is_transient(exc)
+    if not transient and not isinstance(exc, _DAMAGE):
+        raise exc
+    return _Damage(offset, _reason(exc), transient)
 
 
 class _HeaderNoting(tarfile.TarInfo):
@@ -119,8 +131,8 @@ class _HeaderNoting(tarfile.TarInfo):
 def _open(stream: IO[bytes]) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderNoting)
-    except _DAMAGE as exc:
-        raise _Damage(0, _reason(exc)) from None
+    except Exception as exc:
+        raise _damage_of(0, exc) from None
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -130,15 +142,15 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         offset = tar.offset
         try:
             member = tar.next()
-        except _DAMAGE as exc:
-            raise _Damage(offset, _reason(exc)) from None
+        except Exception as exc:
+            raise _damage_of(offset, exc) from None
         if member is None:
             error = getattr(tar, "shard_header_error", None)
             if error is None or isinstance(error, tarfile.EOFHeaderError):
                 return
             if isinstance(error, tarfile.EmptyHeaderError):
-                raise _Damage(tar.offset, "the stream ends without an end-of-archive block (cut short?)")
-            raise _Damage(tar.offset, f"unreadable member header ({_reason(error)})")
+                raise _Damage(tar.offset, "the stream ends without an end-of-archive block (cut short?)", False)
+            raise _Damage(tar.offset, f"unreadable member header ({_reason(error)})", False)
         tar.members = []  # stream mode would otherwise keep every header of the shard
         yield member
 
@@ -192,8 +204,8 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     try:
         handle = tar.extractfile(member)
         return handle.read() if handle is not None else b""
-    except _DAMAGE as exc:
-        raise _Damage(member.offset, _reason(exc)) from None
+    except Exception as exc:
+        raise _damage_of(member.offset, exc) from None
 
 
 def _side_value(ext: str, data: bytes) -> object | None:
@@ -222,17 +234,23 @@ def _finish(group: _Group, source: str) -> Sample:
     if problem is None and group.image is not None:
         ext, data = group.image
         meta = json.dumps(group.side, ensure_ascii=False, sort_keys=True) if group.side else None
-        return Sample(key=key, source=source, data=data, ext=ext, meta=meta)
+        return Sample(key=key, source=source, data=data, ext=ext, meta=meta, signature=content_signature(data))
     kind, message = problem or (ErrorKind.SHARD, f"sample has no image member, only {_show(group.names)}")
     return Sample(key=key, source=source, error_kind=kind, error_message=message)
 
 
 def _damage_sample(source: str, damage: _Damage, group: _Group | None) -> Sample:
-    offset, reason = damage.args
-    message = f"shard {source} is damaged at byte {offset}: {reason}"
+    """The placeholder row where reading stopped: SHARD for bad bytes (final), UNAVAILABLE for a
+    stream that broke off (the next run reads the shard again and withdraws this row)."""
+    offset, reason, transient = damage.args
+    if transient:
+        message = f"reading shard {source} broke off at byte {offset}: {reason}; the next run reads it again"
+    else:
+        message = f"shard {source} is damaged at byte {offset}: {reason}"
     if group is not None:
-        message += f"; sample {group.key!r} was being read and is lost"
-    return Sample(key=f"{source}@{offset}", source=source, error_kind=ErrorKind.SHARD, error_message=message)
+        message += f"; sample {group.key!r} was being read" + ("" if transient else " and is lost")
+    kind = ErrorKind.UNAVAILABLE if transient else ErrorKind.SHARD
+    return Sample(key=f"{source}@{offset}", source=source, error_kind=kind, error_message=message)
 
 
 def _show(names: list[str]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from caprl_cli.errors import UsageError
+from caprl_cli.errors import ModelUnavailable, UsageError
 
 
 @dataclass(frozen=True)
@@ -58,5 +58,5 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
         path = snapshot_download(repo_id, revision=revision)
     except Exception as exc:  # offline and not cached, unknown repo, no access...
         reason = " ".join(str(exc).split())[:300]
-        raise UsageError(f"cannot get model {repo_id}: {reason}") from None
+        raise ModelUnavailable(f"cannot get model {repo_id}: {reason}") from None
     return ModelSource(model_id=repo_id, path=path, revision=Path(path).name)

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.outputs.atomic import write_json_atomically
+from caprl_cli.outputs.place import check_folder, check_own_state_folder
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.index import CommittedIndex
-from caprl_cli.storage import StorageOptions, local_path_of, redact, upload
+from caprl_cli.storage import StorageOptions, local_path_of, redact, remove_stale_uploads, upload
 
 log = logging.getLogger("caprl")
 
@@ -36,7 +37,7 @@ class OutputOptions:
     with_images: bool = True
     state_dir: Path | None = None
     storage_options: StorageOptions | None = None
-    overwrite: bool = False
+    replace_sidecars: bool = False  # sidecar: replace existing .txt files that differ
 
 
 def cache_state_dir(location: str) -> Path:
@@ -75,6 +76,13 @@ class OutputTarget(ABC):
 
     def remove_stale_temporaries(self) -> None:
         """Delete what a killed publish left under temporary names (the state folder cleans its own)."""
+        remove_stale_uploads(self.summary_location(), self.storage_options)
+
+    def check_place(self, state: RunState) -> None:
+        """Refuse (UsageError, nothing touched) a place this target or its state cannot be written to,
+        or must not be: run before the state is locked, created or cleared."""
+        check_folder(state.dir, "state folder")
+        check_own_state_folder(state.dir, state.foreign_entries())
 
     @abstractmethod
     def default_state_dir(self) -> Path: ...
@@ -88,10 +96,6 @@ class OutputTarget(ABC):
 
     @abstractmethod
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def clear(self) -> None:
-        """Remove what this target published (for --overwrite)."""
 
     def write_summary(self, state: RunState, provenance: dict[str, Any]) -> None:
         self.write_json(self.summary_location(), state, provenance)

@@ -37,6 +37,14 @@ def rows_to_table(rows: list[Row], schema: pa.Schema = SCHEMA) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order: extra columns dropped, and a column the
+    table lacks (a part written before the column existed, such as `signature`) as nulls."""
+    present = set(table.column_names)
+    columns = [table[field.name] if field.name in present else pa.nulls(table.num_rows, field.type) for field in schema]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
+
+
 # Rows per row group: large enough for a small footer and fast scans, small enough (tens of MB of
 # captions) to keep memory flat.
 ROW_GROUP_ROWS = 16_384
@@ -65,7 +73,7 @@ class ParquetRowWriter:
     def write_table(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        self._pending.append(table.select(self.schema.names).cast(self.schema))
+        self._pending.append(conform(table, self.schema))
         self._pending_rows += table.num_rows
         if self._pending_rows >= self.row_group_rows:
             self._write_pending()

@@ -10,6 +10,9 @@ from caprl_cli.errors import ErrorKind, format_error
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# A state-only row: the key's earlier rows no longer count (a placeholder a later read made obsolete).
+# Never published: every output leaves a withdrawn key out.
+STATUS_WITHDRAWN = "withdrawn"
 
 SCHEMA = pa.schema(
     [
@@ -29,10 +32,14 @@ SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
+# State parts (never published outputs) also remember each row's image signature, so a later run can
+# tell the same image reached another way from a different image under the same key.
+SIGNATURE = "signature"
+PART_SCHEMA = SCHEMA.append(pa.field(SIGNATURE, pa.string()))
 # Parts of a run that publishes WebDataset shards with images also carry each image's original bytes
 # until the shards are written; the compacted part records which shard holds each row.
 IMAGE_COLUMNS = (pa.field("image", pa.binary()), pa.field("image_ext", pa.string()))
-PART_SCHEMA_WITH_IMAGES = pa.schema([*SCHEMA, *IMAGE_COLUMNS])
+PART_SCHEMA_WITH_IMAGES = pa.schema([*PART_SCHEMA, *IMAGE_COLUMNS])
 EXPORTED_SHARD = "wds_shard"
 
 Row = dict[str, Any]
@@ -93,6 +100,25 @@ def error_row(
         "height": height,
         "model": model,
         "meta": meta,
+    }
+
+
+def withdrawal_row(*, key: str, source: str, model: str) -> Row:
+    """The row that withdraws `key`: an error row that stood for a stream position, not a sample
+    (`<shard>@<byte>`), once a later run read that stream without the failure."""
+    return {
+        "key": key,
+        "source": source,
+        "caption": None,
+        "status": STATUS_WITHDRAWN,
+        "error": None,
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "output_tokens": None,
+        "width": None,
+        "height": None,
+        "model": model,
+        "meta": None,
     }
 
 

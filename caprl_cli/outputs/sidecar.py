@@ -1,8 +1,13 @@
 """Captions as `<image>.txt` beside each image, the layout kohya-ss/sd-scripts and taggui train from.
 
 A sidecar someone wrote by hand is worth more than ours, so an existing one with other content is kept
-unless asked to overwrite; one with the same content is simply left alone, which is what a run resumed
-after a crash sees. Each file is written under a hidden temporary name and renamed, so a reader never
+unless `--replace-sidecars` asks to replace it (`--overwrite` only forgets the state); one with the same
+content is simply left alone, which is what a run resumed after a crash sees.
+
+Two images in one folder whose names differ only in their extension (`cat.jpg`, `cat.png`) would share
+`cat.txt`; such images get their whole name plus `.txt` instead (`cat.jpg.txt`, `cat.png.txt`), every
+other image keeps `<stem>.txt`, and the run names the collision in a warning. Which images collide is
+decided from the image files in the folder, so every run over the same folder picks the same names. Each file is written under a hidden temporary name and renamed, so a reader never
 sees half a caption, and a symlinked `.txt` is never followed: at most the link itself is replaced.
 """
 
@@ -11,14 +16,18 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Collection
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 
+from caprl_cli.inputs.sample import is_hidden, is_image_name
 from caprl_cli.outputs.atomic import temp_path_for
+from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputTarget
+from caprl_cli.outputs.place import check_folder
 from caprl_cli.outputs.rows import STATUS_OK
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.index import CommittedIndex
@@ -34,23 +43,39 @@ class SidecarResult(str, Enum):
     KEPT_EXISTING = "kept_existing"  # a different (or symlinked, or not regular) file was left alone
 
 
-def sidecar_path(image_path: str | Path) -> Path:
-    """Same folder, same stem, `.txt`: `cat.jpg` -> `cat.txt`, `a.b.png` -> `a.b.txt`."""
+def sidecar_path(image_path: str | Path, shared_stems: Collection[str] = ()) -> Path:
+    """Same folder, same stem, `.txt`: `cat.jpg` -> `cat.txt`, `a.b.png` -> `a.b.txt`; an image whose
+    stem another image in its folder shares (`shared_stems`) keeps its whole name: `cat.jpg.txt`."""
     path = Path(image_path)
-    return path.with_name(f"{path.stem}.txt")
+    return path.with_name(f"{path.name if path.stem in shared_stems else path.stem}.txt")
 
 
-def write_sidecar(image_path: str | Path, caption: str, overwrite: bool) -> SidecarResult:
-    """Write `caption` (UTF-8, as is) to the image's sidecar, unless a different one is there already."""
-    target = sidecar_path(image_path)
+def shared_stems_in(folder: Path) -> set[str]:
+    """Stems that more than one image file in `folder` has (`cat` for `cat.jpg` and `cat.png`)."""
+    try:
+        names = [name for name in os.listdir(folder) if is_image_name(name) and not is_hidden(name)]
+    except OSError:
+        return set()
+    counts = Counter(Path(name).stem for name in names)
+    return {stem for stem, count in counts.items() if count > 1}
+
+
+def write_sidecar(
+    image_path: str | Path, caption: str, replace: bool, shared_stems: Collection[str] = ()
+) -> SidecarResult:
+    """Write `caption` (UTF-8, as is) to the image's sidecar, unless a different one is there already
+    (and not `replace`). Only a regular file or a symlink (the link itself) is ever replaced."""
+    target = sidecar_path(image_path, shared_stems)
     data = caption.encode("utf-8")
-    if target.is_symlink() or (target.exists() and not target.is_file()):
-        if not overwrite:
+    if target.is_symlink():
+        if not replace:
             return SidecarResult.KEPT_EXISTING
     elif target.exists():
+        if not target.is_file():
+            return SidecarResult.KEPT_EXISTING
         if _holds(target, data):
             return SidecarResult.UNCHANGED
-        if not overwrite:
+        if not replace:
             return SidecarResult.KEPT_EXISTING
     _write_atomically(target, data)
     return SidecarResult.WRITTEN
@@ -88,26 +113,56 @@ class SidecarTarget(OutputTarget):
     def summary_location(self) -> str:
         return str(self.state_dir / "summary.json")
 
+    def check_place(self, state: RunState) -> None:
+        check_folder(Path(self.location), "sidecar folder")
+        super().check_place(state)
+
     def exists(self) -> bool:
-        return False  # existing .txt files are handled one by one: kept unless --overwrite
+        return False  # existing .txt files are handled one by one: kept unless --replace-sidecars
 
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
-        already = set(state.merged_parts() or [])
+        # --replace-sidecars goes over every caption, so files kept by earlier runs are replaced too.
+        already = set() if self.options.replace_sidecars else set(state.merged_parts() or [])
         results: Counter[str] = Counter()
+        stems: dict[Path, set[str]] = {}
+        collided: dict[Path, set[str]] = {}
         for table in index.latest_tables(["source", "caption", "status"], skip=already):
             for row in table.filter(pc.equal(table["status"], STATUS_OK)).to_pylist():
-                if not Path(row["source"]).is_absolute() or not Path(row["source"]).is_file():
+                image = Path(row["source"])
+                if not image.is_absolute() or not image.is_file():
                     results["not_local"] += 1  # an image from a URL or a manifest: nowhere to put a .txt
                     continue
-                results[write_sidecar(row["source"], row["caption"] or "", self.options.overwrite).value] += 1
+                shared = stems.setdefault(image.parent, shared_stems_in(image.parent))
+                if image.stem in shared:
+                    collided.setdefault(image.parent, set()).add(image.stem)
+                results[write_sidecar(image, row["caption"] or "", self.options.replace_sidecars, shared).value] += 1
+                crash_point("sidecar.txt")
         if results["not_local"]:
             log.warning("wrote no .txt for %d images that are not local files", results["not_local"])
+        warn_collisions(collided)
         if results[SidecarResult.KEPT_EXISTING.value]:
             log.warning(
-                "kept %d existing .txt files that differ from the new captions (pass --overwrite to replace them)",
+                "kept %d existing .txt files that differ from the new captions (pass --replace-sidecars to replace them)",
                 results[SidecarResult.KEPT_EXISTING.value],
             )
+        crash_point("sidecar.written")
         state.record_merge(index.parts)
 
-    def clear(self) -> None:
-        pass  # sidecar files are only replaced one by one, never removed wholesale
+
+def warn_collisions(collided: dict[Path, set[str]], shown: int = 3) -> None:
+    """One warning line naming images that share a stem, and where their captions went instead."""
+    groups = [(folder, stem) for folder, found in sorted(collided.items()) for stem in sorted(found)]
+    if not groups:
+        return
+    named = "; ".join(
+        " and ".join(sorted(p.name for p in folder.iterdir() if p.stem == stem and is_image_name(p.name)))
+        + f" in {folder}"
+        for folder, stem in groups[:shown]
+    )
+    more = f" (and {len(groups) - shown} more)" if len(groups) > shown else ""
+    log.warning(
+        "images share a name up to the extension: %s%s; each gets <image name>.txt (e.g. cat.jpg.txt) instead of "
+        "<stem>.txt",
+        named,
+        more,
+    )

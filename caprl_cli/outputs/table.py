@@ -11,53 +11,70 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputTarget, cache_state_dir
+from caprl_cli.outputs.place import check_folder, check_names_fit, check_replaceable_file
+from caprl_cli.outputs.provenance import summary_path_for
 from caprl_cli.outputs.row_writers import ParquetRowWriter, open_writer
-from caprl_cli.outputs.rows import COLUMNS
-from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, RunState, state_dir_for
+from caprl_cli.outputs.rows import PART_SCHEMA
+from caprl_cli.state.folder import RunState, state_dir_for
 from caprl_cli.state.index import CommittedIndex
 from caprl_cli.state.parts import new_run_id
-from caprl_cli.storage import exists, local_path_of, remove, upload
+from caprl_cli.state.sequence import next_sequence, part_name
+from caprl_cli.storage import exists, local_path_of, remove_stale_uploads, upload
 
 # More committed parts than this are compacted into one while merging.
 COMPACT_ABOVE_PARTS = 64
 
 
 def merge_output(
-    state: RunState, index: CommittedIndex, output_format: str, provenance: dict[str, Any], path: Path | None = None
-) -> None:
-    """Write the output file (`path`, default the state's output) from `index`'s parts and record which
-    parts it was built from."""
+    state: RunState,
+    index: CommittedIndex,
+    output_format: str,
+    provenance: dict[str, Any],
+    path: Path | None = None,
+    record: bool = True,
+) -> list[Path]:
+    """Write the output file (`path`, default the state's output) from `index`'s parts; return the parts
+    it was built from, and record them unless `record` is False (a file still to be uploaded is not
+    published yet: its caller records the merge once the upload completed)."""
     path = path or state.output
     assert path is not None, "a merge needs an output file"
     writer = open_writer(output_format, path)
     compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
-    compacted = ParquetRowWriter(compacted_path) if compacted_path else None
+    compacted = ParquetRowWriter(compacted_path, schema=PART_SCHEMA) if compacted_path else None
     try:
-        for latest in index.latest_tables(list(COLUMNS)):
+        for latest in index.latest_tables(list(PART_SCHEMA.names)):  # the output writer keeps the contract's
             writer.write_table(latest)
             if compacted is not None:
                 compacted.write_table(latest)
+        crash_point("merge.output_temp")
         writer.commit(provenance)
+        crash_point("merge.output_renamed")
     except BaseException:
         writer.abort()
         if compacted is not None:
             compacted.abort()
         raise
     if compacted is None or compacted_path is None:
-        state.record_merge(index.parts)
-        return
+        if record:
+            state.record_merge(index.parts)
+        return list(index.parts)
     compacted.commit({"compacted_parts": len(index.parts)})
+    crash_point("compact.committed")
     # The compacted part sorts after the parts it replaces and holds the same latest rows, so a crash
     # before every old part is gone leaves nothing a later run could misread.
-    state.record_merge([compacted_path])
+    if record:
+        state.record_merge([compacted_path])
+    crash_point("compact.recorded")
     for part in index.parts:
         part.unlink(missing_ok=True)
+    return [compacted_path]
 
 
 def compacted_part_path(state: RunState) -> Path:
-    """A part name that sorts after every part committed so far."""
-    return state.parts_dir / f"{PART_PREFIX}{new_run_id()}-compacted{PART_SUFFIX}"
+    """A part that sorts after every part committed so far: the state's next sequence number."""
+    return state.parts_dir / part_name(next_sequence(state.parts_dir), new_run_id(), "compacted")
 
 
 class FileTarget(OutputTarget):
@@ -74,8 +91,24 @@ class FileTarget(OutputTarget):
     def summary_location(self) -> str:
         return self.location + ".summary.json"
 
+    def remove_stale_temporaries(self) -> None:
+        remove_stale_uploads(self.location, self.storage_options)  # a remote upload killed before its rename
+        super().remove_stale_temporaries()
+
     def exists(self) -> bool:
         return exists(self.location, self.storage_options)
+
+    def check_place(self, state: RunState) -> None:
+        local = self.local_file
+        if local is not None:
+            names = [local.name, local.name + ".summary.json"]
+            if state.dir.parent == local.parent:
+                names.append(state.dir.name)
+            check_names_fit(local.parent, names, "output")
+            check_replaceable_file(local, "output")
+            check_replaceable_file(summary_path_for(local), "summary")
+            check_folder(local.parent, "output folder")
+        super().check_place(state)
 
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
         local = self.local_file
@@ -83,15 +116,13 @@ class FileTarget(OutputTarget):
             merge_output(state, index, self.options.output_format, provenance, local)
             return
         staged = state.dir / f"upload-{Path(self.location.rstrip('/')).name}"
-        merge_output(state, index, self.options.output_format, provenance, staged)
+        built_from = merge_output(state, index, self.options.output_format, provenance, staged, record=False)
         try:
             upload(staged, self.location, self.storage_options)
-        except BaseException:
-            state.merged_path.unlink(missing_ok=True)  # not published: the next run must upload again
-            raise
+            crash_point("upload.done")
         finally:
             staged.unlink(missing_ok=True)
+        # Only now is the output current: a run killed or failing before this line leaves the previous
+        # record, which names other parts, so the next run merges and uploads again.
+        state.record_merge(built_from)
 
-    def clear(self) -> None:
-        for location in (self.location, self.summary_location()):
-            remove(location, self.storage_options)

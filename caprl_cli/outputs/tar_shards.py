@@ -15,13 +15,14 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from caprl_cli.errors import UsageError
+from caprl_cli.faults import crash_point
 from caprl_cli.outputs.rows import COLUMNS, STATUS_OK, Row
 from caprl_cli.inputs.shards import split_member_name
 from caprl_cli.storage import filesystem, local_path_of, redact
@@ -131,6 +132,7 @@ class _Place:
         remote_temp = f"{self.root}/.{name}.{os.getpid()}.tmp"
         try:
             self.fs.put(str(built), remote_temp)
+            crash_point("upload.put")
             self.fs.mv(remote_temp, f"{self.root}/{name}")
         except BaseException:
             self._remove_path(remote_temp)
@@ -302,3 +304,16 @@ def rewrite_without(directory: str, name: str, member_keys: set[str], storage_op
     finally:
         built.unlink(missing_ok=True)
     return len(dropped)
+
+
+def shard_documents(directory: str, name: str, storage_options: dict | None = None) -> Iterator[dict[str, Any]]:
+    """The `.json` document of every sample in finished shard `name`, in shard order: each holds the
+    whole row (`row_json`), which is what `caprl repair` rebuilds a lost state from."""
+    place = _Place.of(directory, storage_options)
+    with place.open(name) as source, tarfile.open(fileobj=source, mode="r|") as tar:
+        for info in tar:
+            split = split_member_name(info.name)
+            if info.isreg() and split is not None and split[1] == "json":
+                handle = tar.extractfile(info)
+                assert handle is not None
+                yield json.loads(handle.read().decode("utf-8"))

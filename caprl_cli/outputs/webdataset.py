@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputOptions, OutputTarget, cache_state_dir
+from caprl_cli.outputs.place import check_folder, check_names_fit
 from caprl_cli.outputs.row_writers import ParquetRowWriter
-from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, SCHEMA, STATUS_OK
+from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, PART_SCHEMA, SCHEMA, STATUS_OK
 from caprl_cli.outputs.table import compacted_part_path
 from caprl_cli.outputs.tar_shards import (
     DEFAULT_SHARD_PATTERN,
@@ -68,6 +70,7 @@ class ShardTarget(OutputTarget):
 
     def remove_stale_temporaries(self) -> None:
         remove_stale_temporaries(self.directory, self.pattern, self.storage_options)
+        super().remove_stale_temporaries()
 
     def is_own_file(self, path: Path) -> bool:
         local = local_path_of(self.directory)
@@ -83,6 +86,16 @@ class ShardTarget(OutputTarget):
 
     def exists(self) -> bool:
         return bool(self.numbers())
+
+    def check_place(self, state: RunState) -> None:
+        local = local_path_of(self.directory)
+        if local is not None:
+            names = [shard_name(self.pattern, 0), self.summary_location().rsplit("/", 1)[-1]]
+            if state.dir.parent == local:
+                names.append(state.dir.name)
+            check_names_fit(local, names, "output")
+            check_folder(local, "output folder")
+        super().check_place(state)
 
     def numbers(self) -> list[int]:
         return existing_shard_numbers(self.directory, self.pattern, self.storage_options)
@@ -109,7 +122,7 @@ class ShardTarget(OutputTarget):
             storage_options=self.storage_options,
         )
         compacted = ParquetRowWriter(compacted_part_path(state), schema=COMPACTED_SCHEMA)
-        stale_keys: dict[int, set[str]] = {}
+        stale_keys = withdrawn_by_shard(exported, index)
         written = 0
         try:
             # Captioned samples first, error samples after them: readers that infer a layout from the
@@ -131,27 +144,33 @@ class ShardTarget(OutputTarget):
                         numbers[i] = next_number + written // self.options.shard_size
                         written += 1
                     compacted.write_table(
-                        table.select(list(SCHEMA.names)).append_column(EXPORTED_SHARD, pa.array(numbers, pa.int32()))
+                        without_images(table).append_column(EXPORTED_SHARD, pa.array(numbers, pa.int32()))
                     )
             writer.close()
+            crash_point("wds.shards_written")
             for number, keys in sorted(stale_keys.items()):
                 rewrite_without(self.directory, shard_name(self.pattern, number), keys, self.storage_options)
+            crash_point("wds.stale_rewritten")
             compacted.commit({"exported_rows": written})
+            crash_point("wds.compacted")
         except BaseException:
             writer.abort()
             compacted.abort()
             raise
         state.record_merge([compacted.path])
+        crash_point("wds.recorded")
         for part in index.parts:
             part.unlink(missing_ok=True)
         log.debug("published %d rows into WebDataset shards", written)
 
-    def clear(self) -> None:
-        remove_shards(self.directory, self.pattern, self.numbers(), self.storage_options)
-
-
-COMPACTED_SCHEMA = SCHEMA.append(pa.field(EXPORTED_SHARD, pa.int32()))
+COMPACTED_SCHEMA = PART_SCHEMA.append(pa.field(EXPORTED_SHARD, pa.int32()))
 IMAGE_COLUMN_NAMES = {field.name for field in IMAGE_COLUMNS}
+
+
+def without_images(table: pa.Table) -> pa.Table:
+    """A part's rows as the compacted part keeps them: every part column (the signature included, which
+    older parts lack) but the image bytes, which live in the published shards from now on."""
+    return table.select([name for name in PART_SCHEMA.names if name in table.column_names])
 
 
 def latest_of_status(index: CommittedIndex, captioned: bool) -> Iterator[pa.Table]:
@@ -160,6 +179,19 @@ def latest_of_status(index: CommittedIndex, captioned: bool) -> Iterator[pa.Tabl
     for table in index.latest_tables(drop=() if captioned else IMAGE_COLUMN_NAMES):
         ok = pc.equal(table["status"], STATUS_OK)
         yield table.filter(ok if captioned else pc.invert(ok))
+
+
+def withdrawn_by_shard(exported: dict[str, int], index: CommittedIndex) -> dict[int, set[str]]:
+    """Shard number -> member keys of published rows whose key the index no longer holds: placeholder
+    rows (`<shard>@0`) withdrawn since, dropped from their shard like rows replaced by --retry-errors."""
+    if not exported:
+        return {}
+    keys = pa.array(list(exported), pa.string())
+    gone = pc.invert(pc.is_in(keys, value_set=index.latest["key"].combine_chunks()))
+    found: dict[int, set[str]] = {}
+    for key in keys.filter(gone).to_pylist():
+        found.setdefault(exported[key], set()).add(member_key(key))
+    return found
 
 
 def exported_shards(index: CommittedIndex) -> dict[str, int]:

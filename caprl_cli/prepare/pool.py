@@ -23,6 +23,7 @@ from PIL import Image
 from caprl_cli.errors import ErrorKind, SampleError
 from caprl_cli.prepare.grid import Grid
 from caprl_cli.prepare.images import prepare_image
+from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.storage import StorageOptions, is_process_local, is_url, read_bytes, redact
 
@@ -51,22 +52,39 @@ class Failed:
 Outcome = Prepared | Failed
 
 
-def read_sample_bytes(sample: Sample, storage_options: StorageOptions | None = None) -> bytes:
-    """The encoded image: in memory already, or read from its path or URL."""
+def read_sample_bytes(
+    sample: Sample, storage_options: StorageOptions | None = None, retries: int = DEFAULT_RETRIES
+) -> bytes:
+    """The encoded image: in memory already, or read from its path or URL. A URL that fails
+    transiently is tried `retries` more times; if it still fails the sample is UNAVAILABLE (tried
+    again by the next run), not READ. Local files are read once."""
     if sample.data is not None:
         return sample.data
     if sample.path is None:
         raise SampleError(ErrorKind.READ, "sample has neither bytes nor a path")
+    path = sample.path
     try:
-        if is_url(sample.path):
-            return read_bytes(sample.path, storage_options)
-        with open(sample.path, "rb") as handle:
+        if is_url(path):
+            return with_retries(lambda: read_bytes(path, storage_options), retries)
+        with open(path, "rb") as handle:
             return handle.read()
-    except OSError as exc:
+    except Exception as exc:
+        if is_url(path) and is_transient(exc):
+            raise SampleError(
+                ErrorKind.UNAVAILABLE, redact(f"cannot read {path} (tried {retries + 1} times): {_described(exc)}")
+            ) from None
+        if not isinstance(exc, OSError):  # remote backends raise their own types (HTTP errors)
+            raise SampleError(ErrorKind.READ, redact(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None
         detail = exc.strerror or exc
-        raise SampleError(ErrorKind.READ, redact(f"cannot read {sample.path}: {detail}")) from None
-    except Exception as exc:  # remote backends raise their own types (timeouts, HTTP errors)
-        raise SampleError(ErrorKind.READ, redact(f"cannot read {sample.path}: {type(exc).__name__}: {exc}")) from None
+        raise SampleError(ErrorKind.READ, redact(f"cannot read {path}: {detail}")) from None
+
+
+def _described(exc: BaseException) -> str:
+    """The exception and, when a backend wrapped it (fsspec turns a 503 into FileNotFoundError), its
+    cause: the 503 is what the user needs to see."""
+    cause = exc.__cause__
+    text = f"{type(exc).__name__}: {exc}"
+    return text if cause is None else f"{text} ({type(cause).__name__}: {cause})"
 
 
 def prepare_sample(
@@ -75,6 +93,7 @@ def prepare_sample(
     max_image_pixels: int,
     keep_bytes: bool = False,
     storage_options: StorageOptions | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> Outcome:
     """Read, decode and resize one sample; any failure becomes `Failed`.
 
@@ -84,7 +103,7 @@ def prepare_sample(
     if sample.error_kind is not None:
         return Failed(sample, sample.error_kind, sample.error_message or "")
     try:
-        data = read_sample_bytes(sample, storage_options)
+        data = read_sample_bytes(sample, storage_options, retries)
         pixels = prepare_image(data, grid, max_image_pixels)
     except SampleError as exc:
         return Failed(_without_bytes(sample), exc.kind, exc.message)
@@ -103,6 +122,7 @@ _worker_grid: Grid | None = None
 _worker_max_image_pixels: int = 0
 _worker_keep_bytes: bool = False
 _worker_storage_options: StorageOptions | None = None
+_worker_retries: int = DEFAULT_RETRIES
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -118,9 +138,14 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _init_worker(
-    grid: Grid, max_image_pixels: int, parent_pid: int, keep_bytes: bool, storage_options: StorageOptions | None
+    grid: Grid,
+    max_image_pixels: int,
+    parent_pid: int,
+    keep_bytes: bool,
+    storage_options: StorageOptions | None,
+    retries: int = DEFAULT_RETRIES,
 ) -> None:
-    global _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options
+    global _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options, _worker_retries
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just go quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -128,6 +153,7 @@ def _init_worker(
     _worker_max_image_pixels = max_image_pixels
     _worker_keep_bytes = keep_bytes
     _worker_storage_options = storage_options
+    _worker_retries = retries
 
 
 def _worker_ready() -> bool:
@@ -136,7 +162,9 @@ def _worker_ready() -> bool:
 
 def _prepare_in_worker(sample: Sample) -> Outcome:
     assert _worker_grid is not None, "worker not initialised"
-    return prepare_sample(sample, _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options)
+    return prepare_sample(
+        sample, _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options, _worker_retries
+    )
 
 
 class Preprocessor:
@@ -150,8 +178,10 @@ class Preprocessor:
         window: int | None = None,
         keep_bytes: bool = False,
         storage_options: StorageOptions | None = None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         self.grid = grid
+        self.retries = retries
         self.max_image_pixels = max_image_pixels
         self.workers = workers
         self.keep_bytes = keep_bytes
@@ -167,14 +197,18 @@ class Preprocessor:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.grid, self.max_image_pixels, os.getpid(), self.keep_bytes, self.storage_options),
+            initargs=(
+                self.grid, self.max_image_pixels, os.getpid(), self.keep_bytes, self.storage_options, self.retries
+            ),
         )
 
     def prepare(self, samples: Iterable[Sample]) -> Iterator[Outcome]:
         """Yield one outcome per sample, in order, with at most `window` images in flight."""
         if self._pool is None:
             for sample in samples:
-                yield prepare_sample(sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options)
+                yield prepare_sample(
+                    sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options, self.retries
+                )
             return
         in_flight: deque[tuple[Sample, Future[Outcome]]] = deque()
         for sample in samples:
@@ -189,7 +223,9 @@ class Preprocessor:
         if sample.error_kind is not None or (sample.path is not None and is_process_local(sample.path)):
             known: Future[Outcome] = Future()
             known.set_result(
-                prepare_sample(sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options)
+                prepare_sample(
+                    sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options, self.retries
+                )
             )
             return known
         return self._pool.submit(_prepare_in_worker, sample)

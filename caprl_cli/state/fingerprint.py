@@ -24,13 +24,33 @@ FINGERPRINT_FIELDS = (
     "min_pixels",
     "max_pixels",
     "max_image_pixels",
+    # Settings that change what the output holds: its format, and whether shards carry the images.
+    "output_format",
+    "images",
 )
+# Settings older state folders did not record: their absence is no change (the value they were made
+# with is the one a run on such a state would have had anyway: shards of one kind, in the one format
+# the output's name allowed); a run records them.
+ADDED_LATER = frozenset({"output_format", "images"})
+# Settings whose option is not `--` + the field name.
+_OPTION_OF = {"output_format": "--format", "images": "--images/--no-images"}
+
+
 def fingerprint_of(settings: CaptionSettings) -> dict[str, Any]:
-    """The caption-deciding settings of a run, as stored in fingerprint.json."""
+    """The output-deciding settings of a run, as stored in fingerprint.json."""
     return {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
 
 
 def fingerprint_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the settings that differ, as `--option` names."""
-    names = sorted(set(stored) | set(current))
-    return ["--" + name.replace("_", "-") for name in names if stored.get(name) != current.get(name)]
+    """Names of the settings that differ, as `--option` names.
+
+    A setting only one side holds counts as changed, except one of `ADDED_LATER` that the stored
+    fingerprint does not hold: that state was written by a caprl that did not record it yet, so it is
+    no change, and the run records it (`unrecorded`)."""
+    names = sorted(name for name in set(stored) | set(current) if name in stored or name not in ADDED_LATER)
+    return [_OPTION_OF.get(name, "--" + name.replace("_", "-")) for name in names if stored.get(name) != current.get(name)]
+
+
+def unrecorded(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether `current` holds settings of `ADDED_LATER` that `stored` never recorded (to be written in)."""
+    return bool((set(current) - set(stored)) & ADDED_LATER)

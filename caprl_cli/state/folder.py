@@ -4,14 +4,19 @@
 
     lock               flock'ed by the run that owns the folder (the kernel drops it when it dies)
     fingerprint.json   the settings that decide captions; a run with other settings is refused
-    parts/part-*.parquet   committed rows, each file written under a temporary name, fsynced, renamed
+    parts/part-<sequence>-<run id>-<n>.parquet
+                       committed rows, each file written under a temporary name, fsynced, renamed;
+                       the sequence number (not a clock) says which row of a key is the latest
     runs/*.json        one record per finished run (counts, throughput) for `caprl status`
     shards/*.json      tar shards read to the end with a row for every sample: never opened again
-    merged.json        which parts the output was last built from
+    merged.json        which parts the output was last built from (remote: once the upload completed)
+    unreadable/        parts `caprl repair` set aside (only ever on request, never automatically)
 
 The committed parts are the truth: the output file is rebuilt from them, and what a run skips is what
 they hold. A part is either complete under its final name or a temporary file that is ignored and
-cleaned up, so a crash at any instant leaves nothing a later run could misread.
+cleaned up, so a crash at any instant leaves nothing a later run could misread. A part that cannot
+be read stops every run before anything changes (StateError) until it is restored or `caprl repair`
+rebuilds the state from the published output.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import errno
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -29,22 +35,76 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caprl_cli.errors import OutputLocked
-from caprl_cli.outputs.atomic import write_json_atomically
-from caprl_cli.state.index import CommittedIndex
+from caprl_cli.errors import OutputLocked, StateError, UsageError
+from caprl_cli.faults import crash_point
+from caprl_cli.outputs.atomic import (
+    exchange_paths,
+    name_fits,
+    short_name_of,
+    temp_name_pattern,
+    write_json_atomically,
+)
+from caprl_cli.state.index import CommittedIndex, read_index_columns
+from caprl_cli.state.sequence import is_part_name, part_order
 
 log = logging.getLogger("caprl")
 
 STATE_SUFFIX = ".caprl"
-PART_PREFIX = "part-"
-PART_SUFFIX = ".parquet"
 TEMP_SUFFIX = ".tmp"
-_INDEX_COLUMNS = ["key", "status", "error"]
+
+
+# What caprl itself keeps in a state folder; anything else makes the folder someone else's.
+STATE_ENTRIES = frozenset(
+    {"lock", "fingerprint.json", "merged.json", "summary.json", "parts", "runs", "shards", "unreadable"}
+)
+
+
+def is_state_entry(name: str) -> bool:
+    """Whether caprl writes `name` into a state folder: its own entries, hidden temporaries and uploads
+    being staged (`upload-*`, `.upload-*`)."""
+    return (
+        name in STATE_ENTRIES
+        or name.startswith(("upload-", ".upload-"))
+        or (name.startswith(".") and name.endswith(TEMP_SUFFIX))
+    )
+
+
+class PartsChanged(StateError):
+    """A listed part was gone when it was read: a run merged or compacted meanwhile; list again."""
+
+
+def unreadable_part_error(path: Path, label: str, reason: BaseException | str) -> StateError:
+    """One line: which part cannot be read, and the two ways forward."""
+    why = " ".join(str(reason).split())[:200] or type(reason).__name__
+    return StateError(
+        f"state part {path} cannot be read ({why}); nothing was changed: restore the file, "
+        f"or run `caprl repair {label}` (with the same --format/--state-dir) to rebuild the state "
+        "from the published output"
+    )
 
 
 def state_dir_for(output: Path) -> Path:
     """`out.parquet` -> `out.parquet.caprl`."""
     return output.with_name(output.name + STATE_SUFFIX)
+
+
+def _side_name(name: str, role: str) -> str:
+    """The hidden sibling `start_over` uses while swapping a state folder: `.<name>.<role>-<pid>`
+    (role `new` or `trash`; empty for the common prefix), with a hashed stand-in for a name that
+    leaves no room for it."""
+    if not name_fits(f".{name}.trash-{2**22}"):
+        name = short_name_of(name)
+    return f".{name}.{role}-{os.getpid()}" if role else f".{name}."
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    """Whether the open `handle` is the file at `path` now (not one renamed away since it was opened)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 class RunState:
@@ -77,25 +137,80 @@ class RunState:
     # -- lock -------------------------------------------------------------------------------------
 
     def acquire(self, wait: bool) -> None:
-        """Take the folder's flock; without `wait`, raise OutputLocked if another run holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.dir / "lock", "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as exc:
+        """Take the folder's flock; without `wait`, raise OutputLocked if another run holds it.
+
+        `start_over` swaps the whole folder for a new one, so a lock won on a file that is no longer
+        the folder's `lock` (a run that waited on the old folder) is let go and taken again.
+        """
+        while True:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.dir / "lock", "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as exc:
+                handle.close()
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputLocked(
+                        f"another caprl run is writing {self.label} (state {self.dir} is locked); "
+                        "pass --wait to wait for it"
+                    ) from None
+                raise
+            if _same_file(handle, self.dir / "lock"):
+                self._lock_handle = handle
+                return
             handle.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise OutputLocked(
-                    f"another caprl run is writing {self.label} (state {self.dir} is locked); "
-                    "pass --wait to wait for it"
-                ) from None
-            raise
-        self._lock_handle = handle
 
     def release(self) -> None:
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None
+
+    # -- ownership and starting over --------------------------------------------------------------
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the folder that caprl never writes there: a folder holding any is not caprl's own,
+        and is never written into, replaced or removed."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(name for name in os.listdir(self.dir) if not is_state_entry(name))
+
+    def start_over(self, fingerprint: dict[str, Any]) -> None:
+        """Forget everything (for --overwrite): a new folder holding only `fingerprint`, already locked
+        by us, takes this one's place, then the old one is deleted.
+
+        The two folders are swapped in one atomic exchange where the system can (Linux), so a kill at
+        any instant leaves the old folder or the new one under the real name. Elsewhere the old one is
+        renamed to a hidden trash name first: a kill between the two renames leaves no state, so the
+        next run refuses the output until --overwrite is given again. Trash and half-made folders are
+        deleted by the next run (`remove_stale_temporaries`).
+        """
+        fresh = self.dir.with_name(_side_name(self.dir.name, "new"))
+        trash = self.dir.with_name(_side_name(self.dir.name, "trash"))
+        for leftover in (fresh, trash):
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            fresh.mkdir()
+        except OSError as exc:
+            raise UsageError(f"cannot start over in {self.dir.parent}: {exc.strerror or exc}") from None
+        handle = open(fresh / "lock", "a+")
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this folder
+        try:
+            for folder in ("parts", "runs"):
+                (fresh / folder).mkdir()
+            write_json_atomically(fresh / self.fingerprint_path.name, fingerprint)
+            if exchange_paths(fresh, self.dir):
+                trash = fresh  # now holds the old folder
+            else:
+                os.rename(self.dir, trash)
+                crash_point("overwrite.aside")
+                os.rename(fresh, self.dir)
+        except BaseException:
+            handle.close()
+            raise
+        self.release()
+        self._lock_handle = handle
+        crash_point("overwrite.swapped")
+        shutil.rmtree(trash, ignore_errors=True)
 
     # -- fingerprint ------------------------------------------------------------------------------
 
@@ -110,13 +225,10 @@ class RunState:
     # -- parts ------------------------------------------------------------------------------------
 
     def part_paths(self) -> list[Path]:
-        """Committed parts, oldest first (names sort by creation time)."""
+        """Committed parts, oldest first: in the order of the sequence numbers in their names."""
         if not self.parts_dir.is_dir():
             return []
-        return sorted(
-            path for path in self.parts_dir.iterdir()
-            if path.name.startswith(PART_PREFIX) and path.name.endswith(PART_SUFFIX)
-        )
+        return sorted((path for path in self.parts_dir.iterdir() if is_part_name(path.name)), key=part_order)
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files a killed run left behind (only ever called under the lock).
@@ -126,27 +238,42 @@ class RunState:
         """
         stale: list[Path] = []
         if self.output is not None and self.output.parent.is_dir():
-            own_output_temp = re.compile(re.escape(f".{self.output.name}.") + r"\d+" + re.escape(TEMP_SUFFIX))
+            own_output_temp = temp_name_pattern(self.output.name)
             stale = [p for p in self.output.parent.iterdir() if own_output_temp.fullmatch(p.name)]
         for folder in (self.parts_dir, self.dir, self.shards_dir):
             if folder.is_dir():
                 stale += [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
         for path in stale:
             path.unlink(missing_ok=True)
+        sides = re.compile(re.escape(_side_name(self.dir.name, "")) + r"(?:new|trash)-\d+")
+        if self.dir.parent.is_dir():
+            for path in self.dir.parent.iterdir():
+                if sides.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    stale.append(path)
         return len(stale)
 
-    def committed(self) -> CommittedIndex:
-        """Read the key index of every committed part; an unreadable part is set aside, not trusted."""
+    def committed(self, damaged: list[Path] | None = None) -> CommittedIndex:
+        """Read the key index of every committed part, touching nothing.
+
+        A part that cannot be read raises StateError before anything changes: its rows may be the only
+        record of work done, so it is never skipped or set aside behind the user's back. A reader that
+        only reports (`caprl status`) passes `damaged` to get the index of the readable parts and the
+        unreadable ones listed there instead. A part that vanished after it was listed (a run merging
+        meanwhile) raises PartsChanged: list again.
+        """
         tables: list[pa.Table] = []
         parts: list[Path] = []
         for path in self.part_paths():
             try:
                 with pq.ParquetFile(path) as parquet:
-                    table = parquet.read(columns=_INDEX_COLUMNS)
+                    table = read_index_columns(parquet)
+            except FileNotFoundError:
+                raise PartsChanged(f"state part {path} was removed while it was read") from None
             except Exception as exc:
-                quarantined = path.with_name(path.name + ".unreadable")
-                path.rename(quarantined)
-                log.warning("set aside unreadable part %s (%s); its images will be captioned again", path.name, exc)
+                if damaged is None:
+                    raise unreadable_part_error(path, self.label, exc) from None
+                damaged.append(path)
                 continue
             index = len(parts)
             parts.append(path)
@@ -160,6 +287,8 @@ class RunState:
                     "key": pa.array([], pa.string()),
                     "status": pa.array([], pa.string()),
                     "error": pa.array([], pa.string()),
+                    "source": pa.array([], pa.string()),
+                    "signature": pa.array([], pa.string()),
                     "part": pa.array([], pa.int32()),
                     "row": pa.array([], pa.int64()),
                 }
@@ -217,11 +346,3 @@ class RunState:
             except (OSError, ValueError):
                 continue
         return None
-
-    def clear(self) -> None:
-        """Forget everything (for --overwrite): parts, runs, fingerprint, and the output itself."""
-        for folder in (self.parts_dir, self.runs_dir, self.shards_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-        for path in (self.fingerprint_path, self.merged_path, self.output):
-            if path is not None and not path.is_dir():
-                path.unlink(missing_ok=True)

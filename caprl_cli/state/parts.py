@@ -4,7 +4,8 @@ Rows are buffered and written as a new Parquet part when `flush_rows` rows (or `
 bytes, for parts that carry images) are waiting, and at least every `flush_seconds` by a background
 timer, so a crash (kill -9, power loss) loses only the rows of the
 last few seconds. A part is written under a temporary name, fsynced and renamed: it exists complete or
-not at all.
+not at all. Each part takes the next sequence number of the state (`sequence`), so the order of parts
+never depends on the clock.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from caprl_cli.faults import crash_point
 from caprl_cli.outputs.rows import SCHEMA, Row
-from caprl_cli.state.folder import PART_PREFIX, PART_SUFFIX, TEMP_SUFFIX
+from caprl_cli.state.folder import TEMP_SUFFIX
+from caprl_cli.state.sequence import next_sequence, part_name
 from caprl_cli.outputs.atomic import fsync_rename
 from caprl_cli.outputs.row_writers import rows_to_table
 
@@ -31,7 +34,8 @@ FLUSH_BYTES = 64 * 1024 * 1024
 
 
 def new_run_id() -> str:
-    """A run id that sorts by start time: parts of later runs sort after earlier ones."""
+    """A run id that says when and by which process a run started, for people reading part names and
+    run records; which part is newer is decided by the parts' sequence numbers, never by this."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + f"-{os.getpid()}"
 
 
@@ -101,11 +105,14 @@ class PartWriter:
         if not self._buffer:
             return
         rows = self._buffer
-        name = f"{PART_PREFIX}{self.run_id}-{next(self._numbers):09d}{PART_SUFFIX}"
+        # The state's lock makes this run the only one committing parts, so the number stays ours.
+        name = part_name(next_sequence(self.parts_dir), self.run_id, f"{next(self._numbers):09d}")
         final = self.parts_dir / name
         temp = self.parts_dir / f".{name}{TEMP_SUFFIX}"
         pq.write_table(rows_to_table(rows, self.schema), temp, compression="zstd")
+        crash_point("part.temp")
         fsync_rename(temp, final)
+        crash_point("part.renamed")
         self._buffer = []  # only now: rows of a failed write stay buffered for the next try
         self._buffered_bytes = 0
         self.written.append(final)

@@ -15,17 +15,20 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
-from caprl_cli.inputs.manifests import manifest_samples
-from caprl_cli.outputs.rows import Row, error_kind_of
-from caprl_cli.state.index import CommittedIndex
+from caprl_cli.inputs.manifests import manifest_name, manifest_samples
+from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
+from caprl_cli.outputs.rows import SIGNATURE, STATUS_OK, Row, error_kind_of
+from caprl_cli.state.identity import Verdict, conflict_sample, judge, judge_all
+from caprl_cli.state.index import CommittedIndex, CommittedOrigin
 from caprl_cli.inputs.shards import read_shard
 from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef
-from caprl_cli.storage import open_input, redact
+from caprl_cli.storage import is_url, open_input, redact
 
 LISTED = "listed"
 
@@ -38,6 +41,7 @@ class StreamTally:
     errors: int = 0
     outstanding: int = 0
     finished: bool = False  # read to the end (or to the damage that ends it)
+    interrupted: bool = False  # a transient failure (timeout, reset, 5xx) cut it short: read again next run
 
 
 @dataclass(frozen=True)
@@ -48,18 +52,43 @@ class Listed:
     inputs: int
     already_done: int
     retrying: int
+    changed: int = 0  # committed from the same source, but the file changed since: captioned again
+    conflicts: int = 0  # a different image under a committed key: a conflict row each (in `todo`)
 
 
 def plan_listed(samples: list[Sample], index: CommittedIndex, retry_errors: bool) -> Listed:
-    """`samples` not yet committed (or committed as errors, with `retry_errors`)."""
+    """`samples` not yet committed (or committed as errors, with `retry_errors`), those whose file
+    changed in place, and a conflict sample for each different image under a committed key (see
+    `state.identity`). One vectorised lookup and comparison against the committed rows."""
+    latest = index.latest
     keys = pa.array([sample.key for sample in samples], pa.string())
-    committed = pc.is_in(keys, value_set=index.keys()).to_numpy(zero_copy_only=False)
-    if retry_errors:
-        done = pc.is_in(keys, value_set=index.keys(ok_only=True)).to_numpy(zero_copy_only=False)
-    else:
-        done = committed
-    todo = [sample for sample, is_done in zip(samples, done, strict=True) if not is_done]
-    return Listed(todo, len(samples), int(done.sum()), int((committed & ~done).sum()))
+    committed_keys = index.keys()
+    position = pc.index_in(keys, value_set=committed_keys)
+    committed = position.is_valid().to_numpy(zero_copy_only=False)
+    rows = latest.select(["status", "source", SIGNATURE]).take(position)
+    ok = pc.fill_null(pc.equal(rows["status"], STATUS_OK), False).to_numpy(zero_copy_only=False)
+    # an `unavailable` row (a transient read failure) is never final: every run tries the key again
+    unavailable = pc.fill_null(index.unavailable().take(position), False).to_numpy(zero_copy_only=False)
+    verdicts = judge_all(
+        pa.array([sample.source for sample in samples], pa.string()),
+        pa.array([sample.signature for sample in samples], pa.string()),
+        rows["source"],
+        rows[SIGNATURE],
+    )
+    same = committed & (verdicts == Verdict.SAME)
+    changed = committed & (verdicts == Verdict.CHANGED)
+    retry = same & ~ok & (retry_errors | unavailable)
+    conflicts = {
+        int(i): conflict_sample(samples[i], rows["source"][int(i)].as_py())
+        for i in np.flatnonzero(committed & (verdicts == Verdict.CONFLICT))
+    }
+    conflict_keys = pa.array([sample.key for sample in conflicts.values()], pa.string())
+    recorded = set(conflict_keys.filter(pc.is_in(conflict_keys, value_set=committed_keys)).to_pylist())
+    new_conflicts = {i: sample for i, sample in conflicts.items() if sample.key not in recorded}
+    wanted = ~committed | retry | changed
+    todo = [new_conflicts.get(i, sample) for i, sample in enumerate(samples) if wanted[i] or i in new_conflicts]
+    done = int((same & ~retry).sum()) + len(conflicts) - len(new_conflicts)
+    return Listed(todo, len(samples), done, int(retry.sum()), int(changed.sum()), len(new_conflicts))
 
 
 @dataclass
@@ -74,22 +103,31 @@ class Plan:
     options: InputOptions = field(default_factory=InputOptions)
     retry_errors: bool = False
     limit: int | None = None
+    retries: int = DEFAULT_RETRIES  # further tries of a remote shard or manifest that fails to open
     inputs: int = 0
     already_done: int = 0
     retrying: int = 0
+    changed: int = 0  # committed from the same source, changed in place since: captioned again
+    conflicts: int = 0  # different images under committed keys: a conflict row each
     handed_out: int = 0
     tallies: dict[str, StreamTally] = field(default_factory=dict)
     _in_flight: dict[str, str] = field(default_factory=dict)  # key -> origin, while a sample has no row
-    _committed: dict[str, bool] | None = None  # key -> captioned ok, built only if a stream needs it
+    _committed: dict[str, CommittedOrigin] | None = None  # key -> its row's origin, built if a stream needs it
     _taken: dict[str, str] = field(default_factory=dict)  # key -> source, for every streamed key this run
     _lock: threading.Lock = field(default_factory=threading.Lock)  # samples() may run on a reader thread
+    # (key, source) of placeholder rows that streams read to their end this run made obsolete
+    withdrawn: list[tuple[str, str]] = field(default_factory=list)
+    _placeholders: dict[str, list[str]] | None = None  # stream -> its committed `<stream>@<n>` rows
 
     def __post_init__(self) -> None:
         listed = self.listed
         self.inputs, self.already_done, self.retrying = listed.inputs, listed.already_done, listed.retrying
+        self.changed, self.conflicts = listed.changed, listed.conflicts
         self.tallies[LISTED] = StreamTally(samples=len(self.listed.todo), finished=True)
         for shard in self.shards:
-            record = None if self.retry_errors else self.finished_shards.get(shard.source)
+            record = self.finished_shards.get(shard.source)
+            if record is not None and self.retry_errors and record.get("errors", 1):
+                record = None  # --retry-errors reads again only the finished shards that had error rows
             if record is not None:  # finished in an earlier run: not even opened
                 self.inputs += record.get("samples", 0)
                 self.already_done += record.get("samples", 0)
@@ -116,7 +154,8 @@ class Plan:
     def _streamed(self) -> Iterator[tuple[str, Sample]]:
         for shard in self.shards:
             if shard.source in self.tallies:
-                yield from self._pending_of(shard.source, self._read_shard(shard))
+                samples = self._watched(shard.source, shard.source, self._read_shard(shard))
+                yield from self._pending_of(shard.source, samples)
         for manifest in self.manifests:
             samples = manifest_samples(
                 manifest,
@@ -124,19 +163,27 @@ class Plan:
                 image_root=self.options.image_root,
                 keep_meta=self.options.keep_meta,
                 options=self.options.storage_options,
+                retries=self.retries,
             )
-            yield from self._pending_of(redact(manifest), samples)
+            origin = redact(manifest)
+            yield from self._pending_of(origin, self._watched(origin, manifest_name(manifest), samples))
 
     def _read_shard(self, shard: ShardRef) -> Iterator[Sample]:
+        """The shard's samples; one that cannot be opened is one error row keyed `<shard>@0`: SHARD
+        when it never will be (404), UNAVAILABLE when it failed transiently `retries` more times."""
+        retries = self.retries if is_url(shard.url) else 0
         try:
-            stream = open_input(shard.url, self.options.storage_options, stream=True)
+            stream = with_retries(lambda: open_input(shard.url, self.options.storage_options, stream=True), retries)
         except Exception as exc:  # a missing or unreachable shard is one error row, not a failed run
-            detail = redact(f"{type(exc).__name__}: {exc}")
+            transient = is_transient(exc)
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
+            detail = redact(f"{type(exc).__name__}: {exc}{cause}")
+            tried = f" (tried {retries + 1} times; the next run tries again)" if transient else ""
             yield Sample(
                 key=f"{shard.source}@0",
                 source=shard.source,
-                error_kind=ErrorKind.SHARD,
-                error_message=f"cannot open shard {shard.source}: {detail}",
+                error_kind=ErrorKind.UNAVAILABLE if transient else ErrorKind.SHARD,
+                error_message=f"cannot open shard {shard.source}{tried}: {detail}",
             )
             return
         with stream:
@@ -146,10 +193,12 @@ class Plan:
         """The samples of one stream not committed yet. A key this run already took from a stream is
         not captioned twice: from the same source (a manifest naming an image twice) it is skipped;
         from another (two shards with one key) the later sample is an error row of its own, so the
-        first one's row stays."""
+        first one's row stays. A key committed by an earlier run is judged against its row (see
+        `state.identity`): the same image is skipped, a changed one captioned again, a different one
+        becomes its conflict row (once)."""
         tally = self.tallies[origin]
         if self._committed is None:
-            self._committed = self.index.status_by_key()
+            self._committed = self.index.origins_by_key()
         committed = self._committed
         for sample in samples:
             taken = self._taken.get(sample.key)
@@ -164,17 +213,46 @@ class Plan:
                     "keys must be unique across inputs",
                 )
             self._taken[sample.key] = sample.source
-            ok = committed.get(sample.key)
-            skip = ok is not None and (ok or not self.retry_errors)
+            row = committed.get(sample.key)
+            verdict = None if row is None else judge(sample.source, sample.signature, row.source, row.signature)
+            skip = retry = False
+            if row is not None and verdict is Verdict.SAME:
+                retry = not row.ok and self.retry_errors
+                skip = not retry
+            elif row is not None and verdict is Verdict.CONFLICT:
+                sample = conflict_sample(sample, row.source)
+                skip = sample.key in committed  # recorded by an earlier run; never retried, it stays one
             with self._lock:
                 tally.samples += 1
                 self.inputs += 1
                 self.already_done += skip
-                tally.errors += skip and not ok
-                self.retrying += ok is False and not skip
+                tally.errors += skip and (verdict is Verdict.CONFLICT or (row is not None and not row.ok))
+                self.retrying += retry
+                self.changed += verdict is Verdict.CHANGED
+                self.conflicts += verdict is Verdict.CONFLICT and not skip
             if not skip:
                 yield origin, sample
         tally.finished = True
+
+    def _watched(self, origin: str, name: str, samples: Iterator[Sample]) -> Iterator[Sample]:
+        """`samples` of the stream `origin` passed through, noting a transient failure that cut the
+        stream short (its `unavailable` placeholder row). Once the stream has been read to its end, the
+        placeholder rows an earlier run left for it (`<name>@<n>`: could not open it, broke off at byte
+        n) that this reading did not give again are withdrawn: they name no sample, and the samples
+        behind them have now been read."""
+        tally = self.tallies[origin]
+        given: set[str] = set()
+        for sample in samples:
+            if sample.error_kind is ErrorKind.UNAVAILABLE:
+                tally.interrupted = True
+            if sample.error_kind is not None and sample.key.startswith(name + "@"):
+                given.add(sample.key)
+            yield sample
+        if self._placeholders is None:
+            self._placeholders = self.index.placeholders()
+        obsolete = [key for key in self._placeholders.get(name, []) if key not in given]
+        with self._lock:
+            self.withdrawn.extend((key, origin) for key in obsolete)
 
     # -- rows coming back -------------------------------------------------------------------------
 
@@ -194,7 +272,7 @@ class Plan:
         return {
             source: {"samples": tally.samples, "errors": tally.errors}
             for source, tally in self.tallies.items()
-            if source in shard_sources and tally.finished and tally.outstanding == 0
+            if source in shard_sources and tally.finished and not tally.interrupted and tally.outstanding == 0
         }
 
     # -- what is left -----------------------------------------------------------------------------
@@ -206,11 +284,12 @@ class Plan:
 
     @property
     def unfinished_streams(self) -> int:
-        """Shards and manifests not read to the end, or with samples that got no row."""
+        """Shards and manifests not read to the end (or cut short by a transient failure), or with
+        samples that got no row."""
         return sum(
             1
             for origin, tally in self.tallies.items()
-            if origin != LISTED and (not tally.finished or tally.outstanding)
+            if origin != LISTED and (not tally.finished or tally.interrupted or tally.outstanding)
         )
 
     @property
@@ -226,8 +305,10 @@ def plan_run(
     limit: int | None = None,
     finished_shards: dict[str, dict] | None = None,
     options: InputOptions | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> Plan:
-    """The plan of a run over `inputs` against what `index` holds."""
+    """The plan of a run over `inputs` against what `index` holds; remote shards and manifests that
+    fail to open transiently are tried `retries` more times."""
     return Plan(
         listed=plan_listed(inputs.listed, index, retry_errors),
         index=index,
@@ -237,6 +318,7 @@ def plan_run(
         options=options or InputOptions(),
         retry_errors=retry_errors,
         limit=limit,
+        retries=retries,
     )
 
 
