@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,11 @@ import click
 
 from caprl_cli import __version__, exit_codes
 from caprl_cli.errors import CaprlError, UsageError
+from caprl_cli.execute.devices import parse_gpus
+from caprl_cli.execute.stopping import StopNow
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
+    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
@@ -30,6 +34,7 @@ from caprl_cli.settings import (
     parse_duration,
     validate_settings,
 )
+from caprl_cli.stdio import PipeSafeHandler, say, settle
 from caprl_cli.storage import parse_storage_options, redact
 
 log = logging.getLogger("caprl")
@@ -87,6 +92,12 @@ def cli() -> None:
 @option("--replace-sidecars", is_flag=True, default=False, help="--format sidecar: replace existing .txt files that differ from the captions (default: keep them).")
 @option("--retry-errors", is_flag=True, default=False, help="Caption error rows again and replace them.")
 @option("--retries", default=3, show_default=True, type=int, help="Try a remote read that failed transiently (timeout, reset, 429/5xx) this many more times, with growing pauses; 0: never.")
+@option("--decode-timeout", default=120.0, show_default=True, type=float, help="Seconds one image may take to read and decode; a slower one is a timeout error row and its worker is replaced.")
+@option("--max-image-bytes", default=DEFAULT_MAX_IMAGE_BYTES, show_default=True, type=int, help="Larger image files and URLs are too_large error rows, never read whole.")
+@option("--gpus", default=None, help="GPUs to use, by position among the visible ones (0,1,3); default: all. One engine per GPU (or per --tensor-parallel-size GPUs).")
+@option("--num-engines", default=None, type=int, help="Number of engines; default: one per GPU (or per group), one on the CPU without GPUs. 1: one engine in this process.")
+@option("--tensor-parallel-size", default=1, show_default=True, type=int, help="GPUs per engine (vLLM), for captioners too large for one GPU.")
+@option("--stall-timeout", default="600s", show_default=True, help="Kill and replace an engine worker that holds images but shows no progress for this long (90s, 10m).")
 @option("--wait", is_flag=True, default=False, help="If another run holds the output, wait for it instead of exiting 75.")
 @option("--max-runtime", default=None, help="Stop cleanly before this much time has passed (90s, 30m, 6h, 1h30m); exit 3 if work remains.")
 @option("--flush-every", default=1000, show_default=True, type=int, help="Commit a part every N rows (and at least every 5 s).")
@@ -100,6 +111,7 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     file or URL, WebDataset shards (shard-{00000..00099}.tar, a::b, .tar.gz), a .jsonl/.parquet
     manifest, or @LIST (a file of paths or URLs).
     """
+    started = time.monotonic()  # --max-runtime counts from here
     configure_logging(quiet, verbose)
     if not inputs and not options.get("files_from"):
         raise UsageError("missing argument INPUT (a folder, image, shard, manifest or @LIST) or --files-from")
@@ -108,6 +120,8 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     storage_options = parse_storage_options(options.pop("storage_options"))
     workers = options.pop("workers")
     max_runtime = options.pop("max_runtime")
+    gpus = options.pop("gpus")
+    stall_timeout = options.pop("stall_timeout")
     settings = CaptionSettings(
         inputs=inputs,
         output=output,
@@ -117,15 +131,17 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
         workers=default_workers() if workers is None else workers,
         max_runtime=None if max_runtime is None else parse_duration(max_runtime),
         storage_options=storage_options,
+        gpus=None if gpus is None else parse_gpus(gpus),
+        stall_timeout=parse_duration(stall_timeout),
         **options,
     )
     validate_settings(settings)
     from caprl_cli.runner import run_caption
     from caprl_cli.execute.stopping import EXIT_CODE_OF, StopReason
 
-    report = run_caption(settings)
+    report = run_caption(settings, started=started)
     if not quiet:
-        click.echo(f"caprl: {describe_run(report)}", err=True)
+        say(f"caprl: {describe_run(report)}")
     if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.plan.work_remains):
         return exit_codes.OK
     return EXIT_CODE_OF[report.stop_reason]
@@ -134,7 +150,9 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
 def describe_run(report: Any) -> str:
     """The closing line: what this run did, what the output holds, what is left."""
     run, plan = report.run, report.plan
-    if not plan.handed_out:
+    if plan.limit == 0:
+        what = "nothing to do: --limit 0"
+    elif not plan.handed_out:
         what = f"nothing to do: all {plan.inputs} images are already in {report.output}"
     elif run.images:
         what = (
@@ -161,7 +179,9 @@ def describe_run(report: Any) -> str:
     if plan.unfinished_streams:
         left.append(f"{plan.unfinished_streams} shards or manifests")
     if left:
-        what += f"; {' and '.join(left)} remaining: run the same command again to continue"
+        what += f"; {' and '.join(left)} remaining"
+        if plan.limit != 0:  # with --limit 0 the same command would do nothing again
+            what += ": run the same command again to continue"
     return what
 
 
@@ -199,7 +219,7 @@ def status(
     found = output_status(
         output, list(inputs), output_format, state_dir, parse_storage_options(storage_options), reading=reading
     )
-    click.echo(json.dumps(found, indent=2) if as_json else format_status(found))
+    say(json.dumps(found, indent=2) if as_json else format_status(found), err=False)
     return exit_codes.FAILED if found["damaged_parts"] else exit_codes.OK
 
 
@@ -214,14 +234,14 @@ def repair(output: str, output_format: str | None, state_dir: Path | None, stora
     from caprl_cli.state.repair import repair_state
 
     report = repair_state(output, output_format, state_dir, parse_storage_options(storage_options))
-    click.echo(f"caprl: {report}", err=True)
+    say(f"caprl: {report}")
     return exit_codes.OK
 
 
 def configure_logging(quiet: bool, verbose: int) -> None:
     """caprl's own log lines on stderr; engine libraries stay quiet unless -vv."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = PipeSafeHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("caprl: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -239,7 +259,7 @@ def configure_logging(quiet: bool, verbose: int) -> None:
 
 def fail(message: str, code: int) -> int:
     """One line on stderr, nothing else (and no credential a URL in it carried)."""
-    click.echo(f"caprl: error: {' '.join(redact(message).split())}", err=True)
+    say(f"caprl: error: {' '.join(redact(message).split())}")
     return code
 
 
@@ -266,8 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         code = fail("interrupted", exit_codes.SIGINT)
     except Terminated:
         code = fail("terminated", exit_codes.SIGTERM)
+    except StopNow as exc:  # a signal or the deadline before captioning started: nothing to save
+        code = fail(str(exc), exc.exit_code)
     except Exception as exc:
         if logging.getLogger("caprl").isEnabledFor(logging.DEBUG):
             raise
         code = fail(f"{exc}", exit_codes.FAILED)
+    settle()  # a reader that went away (| head) must not change the exit code
     sys.exit(code if isinstance(code, int) else exit_codes.OK)

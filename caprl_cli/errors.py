@@ -16,7 +16,10 @@ class ErrorKind(str, Enum):
     """The fixed set of reasons a sample becomes an error row (the `<kind>` in `error`)."""
 
     DECODE = "decode"  # empty, truncated or not an image at all
-    TOO_LARGE = "too_large"  # more pixels than --max-image-pixels: never decoded
+    # Reading and decoding took longer than --decode-timeout: the worker was killed and replaced. Final
+    # until --retry-errors (with a longer timeout): a file that took that long will do it again.
+    TIMEOUT = "timeout"
+    TOO_LARGE = "too_large"  # more pixels than --max-image-pixels, or bytes than --max-image-bytes: never decoded
     ASPECT_RATIO = "aspect_ratio"  # longer side over 200x the shorter: the model refuses it
     READ = "read"  # the file could not be read (permissions, vanished)
     ENGINE = "engine"  # the engine failed on this one request
@@ -60,6 +63,11 @@ class EngineStartError(CaprlError):
     """The engine could not be started (bad weights, unsupported model, out of memory): exit code 1."""
 
 
+class DecodeWorkersError(CaprlError):
+    """Image decoding workers die before they ever start (a broken environment): exit code 1, rather
+    than an error row for every image that only --retry-errors would undo."""
+
+
 class SampleError(Exception):
     """One sample cannot be captioned; carries the kind that goes into its error row."""
 
@@ -73,6 +81,9 @@ class SampleError(Exception):
 
 
 def format_error(kind: ErrorKind, message: str) -> str:
-    """Render the `error` column: `<kind>: <message>` on one line."""
-    one_line = " ".join(str(message).split())
+    """Render the `error` column: `<kind>: <message>` on one line, with the bytes of a non-UTF-8 file
+    name in it as `%XX`, so any output format can store it."""
+    from caprl_cli.inputs.sample import printable_text  # inputs.sample imports this module
+
+    one_line = printable_text(" ".join(str(message).split()))
     return f"{kind.value}: {one_line}"

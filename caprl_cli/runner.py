@@ -13,8 +13,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from caprl_cli.errors import CaprlError, UsageError
-from caprl_cli.execute.local import RunOutcome, caption_plan
-from caprl_cli.execute.stopping import Stopper, StopReason
+from caprl_cli.execute.local import RunOutcome
+from caprl_cli.execute.devices import engine_placements
+from caprl_cli.execute.multi import caption_with_engines
+from caprl_cli.execute.stopping import StopNow, Stopper, StopReason
 from caprl_cli.inputs.prefetch import Prefetcher
 from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
 from caprl_cli.outputs import open_target
@@ -171,23 +173,29 @@ def commit_withdrawals(state: RunState, run_id: str, plan: Plan, model: str, kee
         parts.close()
 
 
-def run_caption(settings: CaptionSettings) -> RunReport:
-    """Caption what the output does not hold yet; the output is published atomically at the end."""
-    started_at, started = utc_now(), time.monotonic()
-    target = output_target(settings)
-    state = RunState(target.local_file, state_dir=target.state_dir, label=target.label)
-    target.check_place(state)
-    new_state = not state.dir.exists()
-    state.acquire(wait=settings.wait)
+def run_caption(settings: CaptionSettings, started: float | None = None) -> RunReport:
+    """Caption what the output does not hold yet; the output is published atomically at the end.
+    `started` (a time.monotonic() reading) is when the command started: --max-runtime counts from it."""
+    started_at, started = utc_now(), time.monotonic() if started is None else started
+    # From here on a signal, or the deadline, ends the run at once until captioning starts (StopNow).
     stopper = Stopper(settings.max_runtime, started)
     stopper.install()
+    state: RunState | None = None
+    new_state = held = False
     try:
+        target = output_target(settings)
+        state = RunState(target.local_file, state_dir=target.state_dir, label=target.label)
+        target.check_place(state)
+        new_state = not state.dir.exists()
+        state.acquire(wait=settings.wait)
+        held = True
         state.remove_stale_temporaries()
         target.remove_stale_temporaries()
         to_record = None if settings.overwrite else check_fingerprint(state, settings, target)
         options = input_options(settings, target)
         inputs = resolve_inputs(list(settings.inputs), options)
         check_sidecar_inputs(settings, inputs)
+        placements = engine_placements(settings)
         # Every check has passed: only now does the state change.
         if settings.overwrite:
             start_over(state, settings)
@@ -216,18 +224,23 @@ def run_caption(settings: CaptionSettings) -> RunReport:
                 schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else PART_SCHEMA
                 parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every, schema=schema)
                 try:
-                    outcome = caption_plan(settings, plan, samples, parts, stopper, target.keeps_images)
+                    outcome = caption_with_engines(
+                        settings, placements, plan, samples, parts, stopper, target.keeps_images
+                    )
                 finally:
                     parts.close()
         finally:
             reader.close()
+        if stopper.reason is not None and not outcome.counts.images:
+            raise StopNow(stopper.reason, "before any image was captioned")
         commit_withdrawals(state, run_id, plan, settings.model, target.keeps_images)
         state.record_finished_shards(run_id, plan.completed_shards())
         return finish(settings, state, target, run_id, (started_at, started), plan, outcome, stopper.reason)
-    except CaprlError:
-        if new_state and not state.part_paths():  # stopped before anything was committed: no trace
+    except (CaprlError, StopNow):
+        if held and new_state and state is not None and not state.part_paths():  # nothing committed: no trace
             shutil.rmtree(state.dir, ignore_errors=True)
         raise
     finally:
         stopper.restore()
-        state.release()
+        if state is not None:
+            state.release()

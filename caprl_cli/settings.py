@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from caprl_cli.errors import UsageError
+from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.model.source import local_model_folder
 from caprl_cli.storage import local_path_of
@@ -58,6 +59,8 @@ class CaptionSettings:
     replace_sidecars: bool = False  # sidecar: replace existing .txt files that differ from the caption
     retry_errors: bool = False
     retries: int = 3  # further tries of a remote read that failed transiently (not fingerprinted)
+    decode_timeout: float = 120.0  # seconds one image may take to read and decode (not fingerprinted)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger image files and URLs are too_large, never read whole
     wait: bool = False
     max_runtime: float | None = None
     flush_every: int = 1000
@@ -70,6 +73,12 @@ class CaptionSettings:
     shard_size: int = 10_000
     images: bool = True
     state_dir: Path | None = None
+    # Engines (see execute/devices.py): which GPUs, how many engines, GPUs per engine; a worker that
+    # shows no progress for stall_timeout seconds is killed and replaced. Not fingerprinted.
+    gpus: tuple[int, ...] | None = None
+    num_engines: int | None = None
+    tensor_parallel_size: int = 1
+    stall_timeout: float = 600.0
 
     @property
     def output_location(self) -> str | None:
@@ -144,6 +153,8 @@ def validate_settings(settings: CaptionSettings) -> None:
         (settings.seed >= 0, "--seed must not be negative"),
         (settings.flush_every >= 1, "--flush-every must be at least 1"),
         (settings.retries >= 0, "--retries must not be negative"),
+        (settings.decode_timeout > 0, "--decode-timeout must be positive"),
+        (settings.max_image_bytes >= 1, "--max-image-bytes must be at least 1"),
         (settings.shard_size >= 1, "--shard-size must be at least 1"),
         (settings.output is not None or settings.output_format == "sidecar", "missing option -o/--output"),
         (settings.max_runtime is None or settings.max_runtime > 0, "--max-runtime must be positive"),
@@ -151,6 +162,13 @@ def validate_settings(settings: CaptionSettings) -> None:
         (settings.output_format in OUTPUT_FORMATS, f"--format must be one of {', '.join(OUTPUT_FORMATS)}"),
         (settings.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
         (settings.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+        (settings.num_engines is None or settings.num_engines >= 1, "--num-engines must be at least 1"),
+        (settings.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
+        (
+            settings.tensor_parallel_size == 1 or settings.engine == "vllm",
+            "--tensor-parallel-size applies to --engine vllm only",
+        ),
+        (settings.stall_timeout > 0, "--stall-timeout must be positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -24,8 +24,9 @@ NON_UTF8_NAME = b"caf\xe9.jpg"
 NON_UTF8_KEY = "caf%E9.jpg"
 # An image name of 250 bytes: its `.txt` fits in 255, but `.<name>.txt.<pid>.tmp` does not.
 LONG_NAME = "l" * 246 + ".jpg"
-# Over 251 bytes the `.txt` name itself cannot exist; the image is captioned, the sidecar is not.
-TOO_LONG_FOR_TXT = "m" * 250 + ".jpg"
+# Two images sharing a 250-byte stem each get `<whole name>.txt`, 258 bytes: no such file can exist, so
+# both are captioned and neither gets a sidecar.
+TOO_LONG_FOR_TXT = ("m" * 250 + ".jpg", "m" * 250 + ".png")
 
 
 @dataclass
@@ -48,7 +49,7 @@ def build_hostile(base: Path) -> Hostile:
     root = base / "hostile"
     (root / "sub").mkdir(parents=True)
     expected: dict[str, str | None] = {}
-    for index, key in enumerate(["a.jpg", "sub/b.jpg", LONG_NAME, TOO_LONG_FOR_TXT]):
+    for index, key in enumerate(["a.jpg", "sub/b.jpg", LONG_NAME, *TOO_LONG_FOR_TXT]):
         (root / key).write_bytes(jpeg(index))
         expected[key] = None
     with open(os.path.join(os.fsencode(root), NON_UTF8_NAME), "wb") as handle:
@@ -80,9 +81,14 @@ def build_hostile(base: Path) -> Hostile:
     listed.mkdir()
     (listed / "one.jpg").write_bytes(jpeg(5))
     os.mkfifo(listed / "pipe.jpg")
+    os.mkfifo(listed / "pipe-000.tar")  # named as a shard: never opened either
     file_list = base / "list.txt"
-    file_list.write_text(f"{listed / 'one.jpg'}\n{listed / 'pipe.jpg'}\n", encoding="utf-8")
-    list_expected = {str(listed / "one.jpg"): None, str(listed / "pipe.jpg"): "read"}
+    file_list.write_text("".join(f"{listed / name}\n" for name in ("one.jpg", "pipe.jpg", "pipe-000.tar")))
+    list_expected = {
+        str(listed / "one.jpg"): None,
+        str(listed / "pipe.jpg"): "read",
+        f"{listed.resolve() / 'pipe-000.tar'}@0": "read",
+    }
     return Hostile(root, expected, skipped, file_list, list_expected)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs.manifests import DEFAULT_IMAGE_COLUMNS, is_manifest_name, manifest_samples
+from caprl_cli.inputs.manifests import check_manifest, DEFAULT_IMAGE_COLUMNS, is_manifest_name, manifest_samples
 
 CAPRL_RECORDS = [
     {"id": "sa_1", "image": "sam/images/sa_1.jpg", "conversations": [{"from": "human", "value": "<image>Describe."}]},
@@ -108,13 +108,21 @@ def test_image_column_override(tmp_path: Path) -> None:
     assert sample.key == "t/a.png" and json.loads(sample.meta) == {"image": "a.jpg"}
 
 
-def test_missing_column_is_a_usage_error_listing_columns(tmp_path: Path) -> None:
+def test_missing_column_is_a_usage_error_before_work_listing_columns(tmp_path: Path) -> None:
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": 1, "caption": "c"}])
     with pytest.raises(UsageError) as caught:
-        list(manifest_samples(str(manifest)))
+        check_manifest(str(manifest))
     assert "m.jsonl" in str(caught.value) and "caption" in str(caught.value) and "id" in str(caught.value)
     with pytest.raises(UsageError, match="caption"):
-        list(manifest_samples(str(write_jsonl(manifest, [{"image": "a.jpg", "caption": "c"}])), image_column="img"))
+        check_manifest(str(write_jsonl(manifest, [{"image": "a.jpg", "caption": "c"}])), image_column="img")
+
+
+def test_missing_column_met_while_captioning_is_one_error_sample(tmp_path: Path) -> None:
+    """Read during a run (after other inputs may have been captioned), a manifest without the image
+    column is one `manifest` error sample, not a usage error after work started."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": 1, "caption": "c"}, {"id": 2}])
+    (only,) = manifest_samples(str(manifest))
+    assert only.key == "m.jsonl@1" and only.error_kind is ErrorKind.MANIFEST and "caption" in (only.error_message or "")
 
 
 def test_bad_lines_become_manifest_error_samples(tmp_path: Path) -> None:
@@ -157,19 +165,21 @@ def test_keep_meta_false(tmp_path: Path) -> None:
     assert all(s.meta is None for s in manifest_samples(str(manifest), keep_meta=False))
 
 
-def test_missing_manifest_is_a_usage_error(tmp_path: Path, memory_fs) -> None:
+def test_missing_manifest_is_a_usage_error_before_work(tmp_path: Path, memory_fs) -> None:
     with pytest.raises(UsageError, match="none.jsonl"):
-        list(manifest_samples(str(tmp_path / "none.jsonl")))
+        check_manifest(str(tmp_path / "none.jsonl"))
     with pytest.raises(UsageError) as caught:
-        list(manifest_samples("memory://user:pw@x/none.parquet?token=hunter2"))
+        check_manifest("memory://user:pw@x/none.parquet?token=hunter2")
     assert "hunter2" not in str(caught.value) and "pw@" not in str(caught.value)
 
 
-def test_corrupt_gzip_is_a_usage_error(tmp_path: Path) -> None:
+def test_corrupt_gzip_is_a_usage_error_before_work_and_an_error_row_during_it(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl.gz"
     manifest.write_bytes(b"not gzip at all")
     with pytest.raises(UsageError, match="m.jsonl.gz"):
-        list(manifest_samples(str(manifest)))
+        check_manifest(str(manifest))
+    (only,) = manifest_samples(str(manifest))
+    assert only.key == "m.jsonl.gz@0" and only.error_kind is ErrorKind.MANIFEST
 
 
 def test_jsonl_on_memory_resolves_against_its_url_folder(memory_fs) -> None:
@@ -193,7 +203,7 @@ def test_jsonl_over_http_streams_in_order(http_dir: tuple[Path, str]) -> None:
     assert [s.key for s in samples] == [r["image"] for r in records]
     assert samples[5].path == f"{base}/img/0005.jpg" and json.loads(samples[5].meta) == {"i": 5}
     with pytest.raises(UsageError, match="missing.jsonl"):
-        list(manifest_samples(f"{base}/missing.jsonl"))
+        check_manifest(f"{base}/missing.jsonl")
 
 
 # --- Parquet -----------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def test_parquet_with_pyarrow(tmp_path: Path) -> None:
     assert json.loads(samples[3].meta)["id"] == 4
     assert all(s.meta is None for s in manifest_samples(str(manifest), keep_meta=False))
     with pytest.raises(UsageError, match="blob"):
-        list(manifest_samples(str(manifest), image_column="picture"))
+        check_manifest(str(manifest), image_column="picture")
 
 
 def test_parquet_from_datasets_with_image_feature(tmp_path: Path) -> None:
@@ -264,7 +274,7 @@ def test_unreadable_parquet_is_a_usage_error(tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
     manifest.write_bytes(b"PAR1 but not really")
     with pytest.raises(UsageError, match="m.parquet"):
-        list(manifest_samples(str(manifest)))
+        check_manifest(str(manifest))
 
 
 def test_keys_and_signatures_of_manifest_samples(tmp_path: Path) -> None:

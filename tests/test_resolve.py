@@ -178,10 +178,23 @@ def test_missing_list_is_a_usage_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["m.jsonl", "M.JSONL", "m.jsonl.gz", "m.parquet", "memory://bucket/m.parquet?x=1"])
-def test_manifests_recognised_by_suffix(tmp_path: Path, name: str) -> None:
-    """Manifests are recognised by name alone and kept, in order, to be streamed later."""
+def test_manifests_recognised_by_suffix(tmp_path: Path, name: str, memory_fs) -> None:
+    """Manifests are recognised by name alone and kept, in order, to be streamed later (only their
+    first record is read, to refuse an unreadable one before any work)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     location = name if "://" in name else str(tmp_path / name)
-    if "://" not in name:
+    if name.lower().endswith(".parquet") or ".parquet?" in name:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"image": ["a.jpg"]}), buffer)
+        if "://" in name:
+            memory_fs.pipe(name[len("memory:/"):], buffer.getvalue())
+        else:
+            (tmp_path / name).write_bytes(buffer.getvalue())
+    else:
         (tmp_path / name).write_text("")
     found = resolve_inputs([location])
     assert found.manifests == [location]

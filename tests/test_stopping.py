@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caprl_cli.execute.stopping import Stopper, StopReason, deadline_margin
+from caprl_cli.execute.stopping import StopNow, Stopper, StopReason, deadline_margin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,10 @@ def test_no_deadline_never_stops_by_itself() -> None:
 
 @pytest.fixture
 def installed():
+    """A stopper whose run is captioning: a first signal drains."""
     stopper = Stopper()
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stopper.begin_captioning()
     stopper.install()
     try:
         yield stopper
@@ -118,6 +120,7 @@ def test_signal_after_deadline_replaces_reason_without_exiting() -> None:
     """After the deadline a first signal is still a first signal: it sets its reason and the process lives."""
     stopper = Stopper(max_runtime_s=10, started=time.monotonic() - 100)
     before = signal.getsignal(signal.SIGTERM)
+    stopper.begin_captioning()
     stopper.install()
     try:
         assert stopper.should_stop() and stopper.reason is StopReason.DEADLINE
@@ -155,6 +158,7 @@ _TWO_SIGNALS = """
 import os, signal, sys, time
 from caprl_cli.execute.stopping import Stopper
 stopper = Stopper()
+stopper.begin_captioning()
 stopper.install()
 os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 deadline = time.monotonic() + 60
@@ -180,3 +184,86 @@ def test_second_signal_exits_at_once(first: str, second: str, code: int, reason:
     )
     assert done.returncode == code, done.stderr
     assert done.stdout.splitlines() == [f"first: {reason}"]
+
+
+def _sleep_until_stopped(seconds: float = 60.0) -> None:
+    """Stand-in for a long start-up step (model loading): a loop of short Python calls."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def starting_up():
+    """A stopper installed before captioning started, with the handlers restored afterwards."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    made: list[Stopper] = []
+
+    def make(**kwargs) -> Stopper:
+        stopper = Stopper(**kwargs)
+        stopper.install()
+        made.append(stopper)
+        return stopper
+
+    try:
+        yield make
+    finally:
+        for stopper in made:
+            stopper.restore()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(("signum", "reason", "code"), [(signal.SIGTERM, StopReason.SIGTERM, 143),
+                                                        (signal.SIGINT, StopReason.SIGINT, 130)])
+def test_signal_before_captioning_raises_at_once(starting_up, signum: int, reason: StopReason, code: int) -> None:
+    """Before captioning starts there is nothing to drain: the signal unwinds the running step."""
+    stopper = starting_up()
+    with pytest.raises(StopNow) as stopped:
+        os.kill(os.getpid(), signum)
+        _sleep_until_stopped()
+    assert stopped.value.reason is reason and stopped.value.exit_code == code
+    assert stopper.reason is reason
+
+
+def test_stop_now_is_not_an_exception() -> None:
+    """`except Exception` in a model loader must not swallow the stop."""
+    assert not issubclass(StopNow, Exception)
+
+
+def test_deadline_before_captioning_raises_from_a_timer(starting_up) -> None:
+    """The deadline is a timer: it interrupts a long step that never polls `should_stop`."""
+    runtime = 3.2  # the margin is 3 s: the deadline is 0.2 s after the start
+    stopper = starting_up(max_runtime_s=runtime, started=time.monotonic())
+    with pytest.raises(StopNow) as stopped:
+        _sleep_until_stopped()
+    assert stopped.value.reason is StopReason.DEADLINE and stopped.value.exit_code == 3
+    assert stopper.reason is StopReason.DEADLINE
+
+
+def test_deadline_already_past_fires_at_once(starting_up) -> None:
+    """A deadline gone by the time the stopper is installed (a slow start) still fires."""
+    with pytest.raises(StopNow):
+        starting_up(max_runtime_s=10, started=time.monotonic() - 100)
+        _sleep_until_stopped()
+
+
+def test_deadline_timer_while_captioning_only_sets_the_reason(starting_up) -> None:
+    """Once captioning runs, the timer asks for a drain like the poll does; nothing is raised."""
+    stopper = Stopper(max_runtime_s=3.2, started=time.monotonic())
+    stopper.begin_captioning()
+    stopper.install()
+    try:
+        assert _poll(lambda: stopper.reason is not None), "the deadline timer never fired"
+        assert stopper.reason is StopReason.DEADLINE
+    finally:
+        stopper.restore()
+
+
+def test_restore_disarms_the_deadline_timer(starting_up) -> None:
+    """After `restore` no SIGALRM is left armed to fire into whatever runs next."""
+    stopper = starting_up(max_runtime_s=3600, started=time.monotonic())
+    assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    stopper.restore()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -16,7 +16,7 @@ from conftest import write_shard
 from flaky_http import flaky_server  # noqa: F401 - a fixture
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs.manifests import manifest_samples
+from caprl_cli.inputs.manifests import check_manifest, manifest_samples
 from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.rows import PART_SCHEMA, Row, caption_row, error_row, withdrawal_row
@@ -194,7 +194,7 @@ def test_manifest_over_http_cut_short_or_unavailable(flaky_server) -> None:
     assert only.key == "m.jsonl@0" and only.error_kind is ErrorKind.UNAVAILABLE
     flaky.failing.clear()
     with pytest.raises(UsageError, match="gone.jsonl"):  # a 404 is a manifest that does not exist
-        list(manifest_samples(f"{base}/gone.jsonl", retries=1))
+        check_manifest(f"{base}/gone.jsonl", retries=1)
 
 
 def test_manifest_placeholder_is_withdrawn_after_a_clean_read(state: RunState, tmp_path: Path) -> None:

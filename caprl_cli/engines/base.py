@@ -38,6 +38,7 @@ class EngineSpec:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     batch_size: int | None = None
+    tensor_parallel_size: int = 1  # GPUs one engine spreads over (vLLM)
 
 
 @dataclass(frozen=True)

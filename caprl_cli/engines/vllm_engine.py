@@ -65,6 +65,8 @@ class VllmEngine(Engine):
             options["enable_chunked_prefill"] = False
         if spec.batch_size is not None:
             options["max_num_seqs"] = spec.batch_size
+        if spec.tensor_parallel_size > 1:
+            options["tensor_parallel_size"] = spec.tensor_parallel_size
         self._llm = LLM(**options)
         scheduler = self._llm.llm_engine.vllm_config.scheduler_config
         self.max_in_flight = scheduler.max_num_seqs + _QUEUE_HEADROOM

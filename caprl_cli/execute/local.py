@@ -16,6 +16,7 @@ from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, Sa
 from caprl_cli.errors import EngineStartError, ErrorKind
 from caprl_cli.execute.progress import Progress
 from caprl_cli.execute.stopping import Stopper
+from caprl_cli.faults import pause_point
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.model.profile import ModelProfile, load_processor, profile_from_processor
 from caprl_cli.model.source import ModelSource, resolve_model
@@ -57,6 +58,8 @@ class RowSink:
         self.progress.update(tokens=row["output_tokens"] or 0, error=kind is not None)
         self.parts.add(row)
         self.plan.row_done(row)
+        if self.counts.images == 1:
+            pause_point("rows.first")
 
 
 def failed_row(failed: Failed, model: str) -> Row:
@@ -129,6 +132,7 @@ def engine_spec(settings: CaptionSettings, source: ModelSource, profile: ModelPr
         max_model_len=settings.max_model_len or profile.context_length(settings.max_tokens),
         gpu_memory_utilization=settings.gpu_memory_utilization,
         batch_size=settings.batch_size,
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
 
 
@@ -181,6 +185,8 @@ def caption_plan(
     keep_images: bool = False,
 ) -> RunOutcome:
     """Caption `samples` (the plan's work) into committed parts."""
+    pause_point("model.before_load")
+    log.debug("loading model %s with the %s engine", settings.model, settings.engine)
     source, profile = load_model(settings)
     facts = ModelFacts(model_revision=source.revision, prompt_text=profile.prompt_text, grid_factor=profile.grid.factor)
     preprocessor = Preprocessor(
@@ -190,23 +196,28 @@ def caption_plan(
         keep_bytes=keep_images,
         storage_options=settings.storage_options,
         retries=settings.retries,
+        decode_timeout=settings.decode_timeout,
+        max_image_bytes=settings.max_image_bytes,
     )
     sink = RowSink(parts, Progress(0, enabled=False), plan)
     engine: Engine | None = None
     try:
         try:
+            pause_point("model.loading")
             engine = start_engine(settings, engine_spec(settings, source, profile))
         except EngineStartError:
             if stopper.reason is None:
                 raise
             return RunOutcome(sink.counts, 0.0, facts)  # a signal during loading took the engine down
         facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
+        pause_point("model.loaded")
         if stopper.should_stop():
             return RunOutcome(sink.counts, 0.0, facts)
+        stopper.begin_captioning()  # rows are about to exist: a first signal now drains the run
         total = expected_images(plan)
         log.info("captioning %s images with %s on %s", total or "the", settings.model, engine.version)
         sink.progress = Progress(total, enabled=settings.progress)
-        outcomes = preprocessor.prepare(samples)
+        outcomes = preprocessor.prepare(samples, stopper.should_stop)
         waiting: dict[str, Prepared] = {}
         requests = image_requests(images_only(outcomes, sink, settings.model, stopper.should_stop), waiting)
         try:

@@ -51,18 +51,27 @@ def read_file_list(location: str, options: StorageOptions | None = None, stdin: 
 
     Blank lines and `#` comments are skipped; CRLF files work. Relative local paths stay as written, so
     they mean what they mean in the user's shell (relative to the current directory, not to the list).
+    Lines are names as bytes: what is not valid UTF-8 is kept as Python keeps such file names
+    (surrogate-escaped), so a line naming a non-UTF-8 file finds it.
     """
     if location == "-":
-        text = (stdin if stdin is not None else sys.stdin).read()
+        source = stdin if stdin is not None else sys.stdin
+        buffer = getattr(source, "buffer", None)
+        text = _decoded(buffer.read()) if buffer is not None else source.read()
     else:
         try:
             with open_input(location, options, stream=True) as handle:
-                text = handle.read().decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
+                text = _decoded(handle.read())
+        except OSError as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise UsageError(f"cannot read file list {redact(location)}: {reason}") from None
     entries = (line.strip() for line in text.splitlines())
     return [entry for entry in entries if entry and not entry.startswith("#")]
+
+
+def _decoded(data: bytes) -> str:
+    """A list's bytes as text: UTF-8 (a BOM dropped), undecodable bytes surrogate-escaped like names."""
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)

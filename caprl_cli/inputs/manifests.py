@@ -53,6 +53,7 @@ def manifest_samples(
     keep_meta: bool = True,
     options: StorageOptions | None = None,
     retries: int = DEFAULT_RETRIES,
+    strict: bool = False,
 ) -> Iterator[Sample]:
     """One sample per record of the manifest at `location` (a local path or an fsspec URL), in order.
 
@@ -61,11 +62,12 @@ def manifest_samples(
     bytes are left out (binary blobs do not belong in JSON text), other values JSON cannot hold
     (timestamps, decimals) become strings, NaN and infinities become null.
 
-    A remote manifest that fails to open transiently is tried `retries` more times. A manifest that
-    cannot be read at all for good (corrupt, not Parquet) is a usage error; once records were read, a
-    failure to read on ends the manifest with one error sample keyed `<name>@<line or row>` (the
-    records before it stand): UNAVAILABLE when it failed transiently (a transient failure to open
-    gives `<name>@0`), MANIFEST otherwise.
+    A remote manifest that fails to open transiently is tried `retries` more times. A failure to read
+    ends the manifest with one error sample keyed `<name>@<line or row>` (`@0`: it did not open; the
+    records before it stand): UNAVAILABLE when it failed transiently, MANIFEST otherwise; a manifest
+    without the image column is one MANIFEST error sample too. With `strict` (the check before any
+    work starts, see `check_manifest`), a manifest unreadable for good from its start or without the
+    image column is a usage error instead.
     """
     name = manifest_name(location)
     root = image_root if image_root is not None else _folder_of(location)
@@ -86,13 +88,38 @@ def manifest_samples(
             if record is None:
                 yield _error(location, name, n, problem or "unreadable record")
                 continue
-            column = column or _pick_column(record, image_column, location)
+            if column is None:
+                try:
+                    column = _pick_column(record, image_column, location)
+                except UsageError as missing:
+                    if strict:
+                        raise
+                    yield Sample(key=f"{name}@{n}", source=redact(location), error_kind=ErrorKind.MANIFEST,
+                                 error_message=str(missing))
+                    return
             if n:  # row 0 is a Parquet schema, not a record
                 yield _sample(location, name, n, record, column, root, keep_meta)
     except _ReadFailure as failure:
-        if not started and not failure.transient:
+        if strict and not started and not failure.transient:
             raise UsageError(f"cannot read manifest {redact(location)}: {failure.reason}") from None
         yield _broken_off(location, name, n + 1 if started else 0, failure, retries)
+
+
+def check_manifest(
+    location: str,
+    *,
+    image_column: str | None = None,
+    options: StorageOptions | None = None,
+    retries: int = DEFAULT_RETRIES,
+) -> None:
+    """Read a manifest's first record before any work starts: one that cannot be read at all, or has
+    no image column, is a usage error now (exit 2, nothing changed) rather than a failure after other
+    inputs were captioned. A transient failure is left to the run, which retries it."""
+    records = manifest_samples(location, image_column=image_column, options=options, retries=retries, strict=True)
+    try:
+        next(records, None)
+    finally:
+        records.close()
 
 
 class _ReadFailure(Exception):

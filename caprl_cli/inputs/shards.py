@@ -19,10 +19,10 @@ from typing import IO
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.retry import is_transient
-from caprl_cli.inputs.sample import IMAGE_EXTENSIONS, Sample, content_signature
+from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, IMAGE_EXTENSIONS, Sample, content_signature
 from caprl_cli.storage import path_part
 
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_MEMBER_BYTES = DEFAULT_MAX_IMAGE_BYTES
 MAX_META_MEMBER_BYTES = 1024 * 1024
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

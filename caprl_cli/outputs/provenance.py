@@ -35,6 +35,7 @@ class RunCounts:
     ok: int = 0
     output_tokens: int = 0
     errors_by_kind: Counter[str] = field(default_factory=Counter)
+    engines: list[dict[str, Any]] = field(default_factory=list)  # per engine, when a run had several
 
     @property
     def errors(self) -> int:
@@ -110,5 +111,6 @@ def build_provenance(
             "errors_by_kind": dict(sorted(run.errors_by_kind.items())),
             "output_tokens": run.output_tokens,
             "stopped_by": stop_reason,
+            **({"engines": run.engines} if run.engines else {}),
         },
     }

@@ -9,6 +9,12 @@ Two images in one folder whose names differ only in their extension (`cat.jpg`, 
 other image keeps `<stem>.txt`, and the run names the collision in a warning. Which images collide is
 decided from the image files in the folder, so every run over the same folder picks the same names. Each file is written under a hidden temporary name and renamed, so a reader never
 sees half a caption, and a symlinked `.txt` is never followed: at most the link itself is replaced.
+
+Names are taken as they are on disk: an image whose name is not valid UTF-8 (its row's source holds
+the `%XX` text form) gets its `.txt` under its real bytes, and a temporary name too long for the
+filesystem is replaced by a short hashed one. Only a `.txt` name that itself cannot exist (over 255
+bytes: `<252+ byte image name>.txt` when stems collide) is not written; the run counts those in a
+warning and their captions stay in the state.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from caprl_cli.inputs.sample import is_hidden, is_image_name
-from caprl_cli.outputs.atomic import temp_path_for
+from caprl_cli.inputs.sample import is_hidden, is_image_name, name_from_text
+from caprl_cli.outputs.atomic import NAME_MAX, name_fits, temp_path_for
 from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputTarget
 from caprl_cli.outputs.place import check_folder
@@ -41,6 +47,7 @@ class SidecarResult(str, Enum):
     WRITTEN = "written"
     UNCHANGED = "unchanged"  # the file already held exactly this caption
     KEPT_EXISTING = "kept_existing"  # a different (or symlinked, or not regular) file was left alone
+    NAME_TOO_LONG = "name_too_long"  # the `.txt` name is longer than a file name may be: not written
 
 
 def sidecar_path(image_path: str | Path, shared_stems: Collection[str] = ()) -> Path:
@@ -48,6 +55,18 @@ def sidecar_path(image_path: str | Path, shared_stems: Collection[str] = ()) -> 
     stem another image in its folder shares (`shared_stems`) keeps its whole name: `cat.jpg.txt`."""
     path = Path(image_path)
     return path.with_name(f"{path.name if path.stem in shared_stems else path.stem}.txt")
+
+
+def local_image(source: str) -> Path | None:
+    """The local image file a row's `source` names, or None (a URL, a manifest's image, gone).
+
+    A source holds the text form of a name that is not valid UTF-8 (`caf%E9.jpg`, see
+    `inputs.sample.name_text`); the file itself has the real bytes, so that form is decoded when the
+    source as written names no file."""
+    for candidate in (source, name_from_text(source)):
+        if candidate is not None and Path(candidate).is_absolute() and Path(candidate).is_file():
+            return Path(candidate)
+    return None
 
 
 def shared_stems_in(folder: Path) -> set[str]:
@@ -66,6 +85,8 @@ def write_sidecar(
     """Write `caption` (UTF-8, as is) to the image's sidecar, unless a different one is there already
     (and not `replace`). Only a regular file or a symlink (the link itself) is ever replaced."""
     target = sidecar_path(image_path, shared_stems)
+    if not name_fits(target.name):  # `<252-byte name>.txt` when stems collide
+        return SidecarResult.NAME_TOO_LONG
     data = caption.encode("utf-8")
     if target.is_symlink():
         if not replace:
@@ -128,8 +149,8 @@ class SidecarTarget(OutputTarget):
         collided: dict[Path, set[str]] = {}
         for table in index.latest_tables(["source", "caption", "status"], skip=already):
             for row in table.filter(pc.equal(table["status"], STATUS_OK)).to_pylist():
-                image = Path(row["source"])
-                if not image.is_absolute() or not image.is_file():
+                image = local_image(row["source"])
+                if image is None:
                     results["not_local"] += 1  # an image from a URL or a manifest: nowhere to put a .txt
                     continue
                 shared = stems.setdefault(image.parent, shared_stems_in(image.parent))
@@ -140,6 +161,13 @@ class SidecarTarget(OutputTarget):
         if results["not_local"]:
             log.warning("wrote no .txt for %d images that are not local files", results["not_local"])
         warn_collisions(collided)
+        if results[SidecarResult.NAME_TOO_LONG.value]:
+            log.warning(
+                "wrote no .txt for %d images whose name is too long to add .txt to (over %d bytes); their "
+                "captions are in the state only",
+                results[SidecarResult.NAME_TOO_LONG.value],
+                NAME_MAX,
+            )
         if results[SidecarResult.KEPT_EXISTING.value]:
             log.warning(
                 "kept %d existing .txt files that differ from the new captions (pass --replace-sidecars to replace them)",

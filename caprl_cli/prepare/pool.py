@@ -1,174 +1,64 @@
-"""Decode and resize images in a pool of worker processes, ahead of the engine, with bounded memory.
+"""Decode and resize images in worker processes, ahead of the engine, with bounded memory.
 
-The engine must never wait on JPEG decoding, and a million-image listing must never be turned into a
-million pending tasks: a fixed window of images is in flight at once, results come back in input
-order. Every failure comes back as a `Failed` value, never as an exception.
+The engine must never wait on JPEG decoding, a million-image listing must never become a million
+pending tasks, and nothing in a corpus may abort or hang the run:
+
+- a fixed window of images is in flight at once, and outcomes come back as they finish, so one slow
+  image (a huge TIFF, a slow URL) never holds back the ones behind it;
+- a worker that dies (segfault, `kill -9`, the OOM killer) costs at most the image it was on: the
+  worker is replaced and that image is tried again in a fresh worker; an image that kills a worker
+  twice becomes a `decode` error row;
+- an image whose read and decode pass `decode_timeout` becomes a `timeout` error row, and its worker
+  is killed and replaced;
+- every failure comes back as a `Failed` value, never as an exception; and a wait on the workers
+  longer than a few seconds says, with `-v`, which images it waits for.
+
+The workers themselves, and their test hooks, are in `prepare.workers`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import logging
 import multiprocessing
-import os
-import signal
-import sys
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.connection import wait
 
-from PIL import Image
-
-from caprl_cli.errors import ErrorKind, SampleError
+from caprl_cli.errors import DecodeWorkersError, ErrorKind
+from caprl_cli.inputs.retry import DEFAULT_RETRIES
+from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, Sample
 from caprl_cli.prepare.grid import Grid
-from caprl_cli.prepare.images import prepare_image
-from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
-from caprl_cli.inputs.sample import Sample
-from caprl_cli.storage import StorageOptions, is_process_local, is_url, read_bytes, redact
+from caprl_cli.prepare.outcomes import (
+    DecodeSettings,
+    Failed,
+    Outcome,
+    Prepared,
+    prepare_sample,
+    prepare_with,
+    without_bytes,
+)
+from caprl_cli.prepare.reading import read_sample_bytes
+from caprl_cli.prepare.workers import READY, DecodeWorker
+from caprl_cli.storage import StorageOptions, is_process_local
 
+__all__ = ["Failed", "Outcome", "Prepared", "Preprocessor", "prepare_sample", "read_sample_bytes"]
 
-@dataclass(frozen=True)
-class Prepared:
-    """An image ready for the engine: model-sized RGB pixels plus its original size."""
+log = logging.getLogger("caprl")
 
-    sample: Sample
-    image: Image.Image
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    """An image that will become an error row."""
-
-    sample: Sample
-    kind: ErrorKind
-    message: str
-    width: int | None = None
-    height: int | None = None
-
-
-Outcome = Prepared | Failed
-
-
-def read_sample_bytes(
-    sample: Sample, storage_options: StorageOptions | None = None, retries: int = DEFAULT_RETRIES
-) -> bytes:
-    """The encoded image: in memory already, or read from its path or URL. A URL that fails
-    transiently is tried `retries` more times; if it still fails the sample is UNAVAILABLE (tried
-    again by the next run), not READ. Local files are read once."""
-    if sample.data is not None:
-        return sample.data
-    if sample.path is None:
-        raise SampleError(ErrorKind.READ, "sample has neither bytes nor a path")
-    path = sample.path
-    try:
-        if is_url(path):
-            return with_retries(lambda: read_bytes(path, storage_options), retries)
-        with open(path, "rb") as handle:
-            return handle.read()
-    except Exception as exc:
-        if is_url(path) and is_transient(exc):
-            raise SampleError(
-                ErrorKind.UNAVAILABLE, redact(f"cannot read {path} (tried {retries + 1} times): {_described(exc)}")
-            ) from None
-        if not isinstance(exc, OSError):  # remote backends raise their own types (HTTP errors)
-            raise SampleError(ErrorKind.READ, redact(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None
-        detail = exc.strerror or exc
-        raise SampleError(ErrorKind.READ, redact(f"cannot read {path}: {detail}")) from None
-
-
-def _described(exc: BaseException) -> str:
-    """The exception and, when a backend wrapped it (fsspec turns a 503 into FileNotFoundError), its
-    cause: the 503 is what the user needs to see."""
-    cause = exc.__cause__
-    text = f"{type(exc).__name__}: {exc}"
-    return text if cause is None else f"{text} ({type(cause).__name__}: {cause})"
-
-
-def prepare_sample(
-    sample: Sample,
-    grid: Grid,
-    max_image_pixels: int,
-    keep_bytes: bool = False,
-    storage_options: StorageOptions | None = None,
-    retries: int = DEFAULT_RETRIES,
-) -> Outcome:
-    """Read, decode and resize one sample; any failure becomes `Failed`.
-
-    The encoded bytes come back with the result only when `keep_bytes` (WebDataset output stores the
-    original image); otherwise they are dropped here so they never cross back to the parent.
-    """
-    if sample.error_kind is not None:
-        return Failed(sample, sample.error_kind, sample.error_message or "")
-    try:
-        data = read_sample_bytes(sample, storage_options, retries)
-        pixels = prepare_image(data, grid, max_image_pixels)
-    except SampleError as exc:
-        return Failed(_without_bytes(sample), exc.kind, exc.message)
-    except Exception as exc:  # a decoder bug must cost one row, not the run
-        return Failed(_without_bytes(sample), ErrorKind.DECODE, f"{type(exc).__name__}: {exc}")
-    kept = replace(sample, data=data) if keep_bytes else _without_bytes(sample)
-    return Prepared(kept, pixels.image, pixels.width, pixels.height)
-
-
-def _without_bytes(sample: Sample) -> Sample:
-    return sample if sample.data is None else replace(sample, data=None)
-
-
-_PR_SET_PDEATHSIG = 1
-_worker_grid: Grid | None = None
-_worker_max_image_pixels: int = 0
-_worker_keep_bytes: bool = False
-_worker_storage_options: StorageOptions | None = None
-_worker_retries: int = DEFAULT_RETRIES
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Never outlive the run: a kill -9'd parent must not leave idle decoders behind (Linux)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the request above took effect
-        os._exit(1)
-
-
-def _init_worker(
-    grid: Grid,
-    max_image_pixels: int,
-    parent_pid: int,
-    keep_bytes: bool,
-    storage_options: StorageOptions | None,
-    retries: int = DEFAULT_RETRIES,
-) -> None:
-    global _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options, _worker_retries
-    _die_with_parent(parent_pid)
-    # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just go quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_grid = grid
-    _worker_max_image_pixels = max_image_pixels
-    _worker_keep_bytes = keep_bytes
-    _worker_storage_options = storage_options
-    _worker_retries = retries
-
-
-def _worker_ready() -> bool:
-    return _worker_grid is not None
-
-
-def _prepare_in_worker(sample: Sample) -> Outcome:
-    assert _worker_grid is not None, "worker not initialised"
-    return prepare_sample(
-        sample, _worker_grid, _worker_max_image_pixels, _worker_keep_bytes, _worker_storage_options, _worker_retries
-    )
+DEFAULT_DECODE_TIMEOUT = 120.0
+CRASHED = "the image decoder crashed on this file"
+CRASHES_ALLOWED = 1  # an image that kills a worker once is tried again; twice, it is an error row
+START_FAILURES_ALLOWED = 5  # workers in a row that die before they ever start: the environment is broken
+WAIT_REPORT_AFTER_S = 5.0  # a wait this long is logged (with -v), then again every WAIT_REPORT_EVERY_S
+WAIT_REPORT_EVERY_S = 30.0
+_STOP_CHECK_S = 0.5  # how often a wait looks at `should_stop`
+_KEYS_SHOWN = 5
 
 
 class Preprocessor:
-    """Prepares samples with `workers` processes (0: in the calling process)."""
+    """Prepares samples with `workers` processes (0: in the calling process, with no timeout and no
+    isolation from a crashing decoder)."""
 
     def __init__(
         self,
@@ -179,94 +69,195 @@ class Preprocessor:
         keep_bytes: bool = False,
         storage_options: StorageOptions | None = None,
         retries: int = DEFAULT_RETRIES,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
-        self.grid = grid
-        self.retries = retries
-        self.max_image_pixels = max_image_pixels
+        self.settings = DecodeSettings(grid, max_image_pixels, keep_bytes, storage_options, retries, max_image_bytes)
         self.workers = workers
-        self.keep_bytes = keep_bytes
-        self.storage_options = storage_options
         self.window = window or max(16, 8 * workers)
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            self._pool = self._new_pool()
+        self.decode_timeout = decode_timeout
+        self.wait_report_after_s = WAIT_REPORT_AFTER_S
+        self._context = multiprocessing.get_context("spawn")
+        self._pool: list[DecodeWorker] = [DecodeWorker(self._context, self.settings) for _ in range(workers)]
+        self._crashes: Counter[str] = Counter()  # key -> workers it killed
+        self._start_failures = 0  # workers in a row that died before they were ready
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: the parent holds an engine with threads and device handles that must not be forked.
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(
-                self.grid, self.max_image_pixels, os.getpid(), self.keep_bytes, self.storage_options, self.retries
-            ),
+    # -- the outcomes ------------------------------------------------------------------------------
+
+    def prepare(
+        self, samples: Iterable[Sample], should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[Outcome]:
+        """Yield one outcome per sample as each finishes, with at most `window` samples taken from
+        `samples` and not yet yielded. Ends early, leaving the rest, once `should_stop()` is true."""
+        if not self._pool:
+            for sample in samples:
+                yield prepare_with(sample, self.settings)
+            return
+        source = iter(samples)
+        backlog: deque[Sample] = deque()  # taken from `samples`, not yet handed to a worker
+        outstanding = 0  # taken from `samples`, not yet yielded
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and outstanding < self.window:
+                    sample = next(source, None)
+                    if sample is None:
+                        exhausted = True
+                    elif self._in_parent(sample):
+                        yield prepare_with(sample, self.settings)
+                    else:
+                        backlog.append(sample)
+                        outstanding += 1
+                if exhausted and outstanding == 0:
+                    return
+                self._hand_out(backlog)
+                for outcome in self._next_outcomes(backlog, should_stop):
+                    outstanding -= 1
+                    yield outcome
+                if should_stop is not None and should_stop():
+                    return
+        finally:
+            self._abandon_held_images()
+
+    @staticmethod
+    def _in_parent(sample: Sample) -> bool:
+        """Broken before decoding, or in a memory:// filesystem no worker process can see: done here."""
+        return sample.error_kind is not None or (sample.path is not None and is_process_local(sample.path))
+
+    def _hand_out(self, backlog: deque[Sample]) -> None:
+        for worker in self._pool:
+            if backlog and worker.idle:
+                sample = backlog.popleft()
+                try:
+                    worker.hand(sample)
+                except OSError:  # it died while idle: the image goes back, the death is seen at the next wait
+                    worker.sample = None
+                    backlog.appendleft(sample)
+
+    def _next_outcomes(self, backlog: deque[Sample], should_stop: Callable[[], bool] | None) -> list[Outcome]:
+        """Wait until at least one image is done, a worker dies or passes the timeout, a worker becomes
+        ready for the backlog, or `should_stop()`; return the outcomes that came of it."""
+        started = time.monotonic()
+        reported = 0.0
+        while True:
+            outcomes: list[Outcome] = []
+            progressed = self._wait_once(backlog, outcomes, _STOP_CHECK_S if should_stop else None)
+            if outcomes or progressed or (should_stop is not None and should_stop()):
+                return outcomes
+            waited = time.monotonic() - started
+            if waited >= self.wait_report_after_s and waited - reported >= (WAIT_REPORT_EVERY_S if reported else 0):
+                reported = waited
+                log.debug("waiting %.0f s for image decoding: %s", waited, self._describe_held())
+
+    def _wait_once(self, backlog: deque[Sample], outcomes: list[Outcome], poll_s: float | None) -> bool:
+        """One wait on every worker's pipe and process. True when a worker became ready for work."""
+        now = time.monotonic()
+        limits = [worker.since + self.decode_timeout - now for worker in self._pool if worker.sample is not None]
+        timeout = min([max(0.0, limit) for limit in limits] + ([poll_s] if poll_s else []) + [self.wait_report_after_s])
+        watched = {worker.conn: worker for worker in self._pool}
+        watched.update({worker.process.sentinel: worker for worker in self._pool})
+        ready_for_work = False
+        for handle in wait(list(watched), timeout):
+            worker = watched[handle]
+            if worker not in self._pool:  # replaced earlier in this loop
+                continue
+            if handle is worker.conn and self._receive(worker, outcomes):
+                ready_for_work = ready_for_work or worker.idle
+                continue
+            self._replace(worker, backlog, outcomes)
+            ready_for_work = True
+        now = time.monotonic()
+        for worker in list(self._pool):
+            if worker.sample is not None and now - worker.since >= self.decode_timeout:
+                outcomes.append(self._timed_out(worker))
+                ready_for_work = True
+        return ready_for_work
+
+    def _receive(self, worker: DecodeWorker, outcomes: list[Outcome]) -> bool:
+        """Take what a worker sent; False when its pipe says it is gone."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if message == READY:
+            worker.ready = True
+            self._start_failures = 0
+        elif worker.sample is not None:
+            worker.sample = None
+            outcomes.append(message)
+        return True
+
+    def _replace(self, worker: DecodeWorker, backlog: deque[Sample], outcomes: list[Outcome]) -> None:
+        """A worker died: anything it sent before dying counts, the image it was on is tried again in a
+        fresh worker (or, the second time it kills one, is a decode error row), and a new worker takes
+        its place. Workers that keep dying before they ever start mean the environment is broken."""
+        while worker.sample is not None and self._poll(worker) and self._receive(worker, outcomes):
+            pass
+        worker.stop()
+        self._pool[self._pool.index(worker)] = DecodeWorker(self._context, self.settings)
+        sample = worker.sample
+        if sample is not None:
+            self._crashes[sample.key] += 1
+            if self._crashes[sample.key] > CRASHES_ALLOWED:
+                log.warning("the image decoder crashed twice on %s: recorded as a decode error", sample.key)
+                outcomes.append(Failed(without_bytes(sample), ErrorKind.DECODE, CRASHED))
+            else:
+                log.warning("an image decoding worker %s on %s; trying it again", worker.describe_exit(), sample.key)
+                backlog.appendleft(sample)
+        elif not worker.ready:
+            self._start_failures += 1
+            log.debug("an image decoding worker %s before it was ready; starting another", worker.describe_exit())
+            if self._start_failures >= START_FAILURES_ALLOWED:
+                raise DecodeWorkersError(
+                    f"image decoding workers cannot start: {self._start_failures} in a row "
+                    f"{worker.describe_exit()} before they were ready"
+                )
+        else:
+            log.warning("an idle image decoding worker %s; starting another", worker.describe_exit())
+
+    @staticmethod
+    def _poll(worker: DecodeWorker) -> bool:
+        try:
+            return worker.conn.poll()
+        except (EOFError, OSError):
+            return False
+
+    def _timed_out(self, worker: DecodeWorker) -> Failed:
+        """The image a worker has held past the timeout: an error row; the worker is killed and replaced."""
+        sample = worker.sample
+        assert sample is not None
+        worker.sample = None
+        worker.process.kill()
+        worker.stop()
+        self._pool[self._pool.index(worker)] = DecodeWorker(self._context, self.settings)
+        log.warning("reading and decoding %s took longer than %g s: its worker was stopped", sample.key, self.decode_timeout)
+        return Failed(
+            without_bytes(sample),
+            ErrorKind.TIMEOUT,
+            f"reading and decoding took longer than {self.decode_timeout:g} s (--decode-timeout); the worker was stopped",
         )
 
-    def prepare(self, samples: Iterable[Sample]) -> Iterator[Outcome]:
-        """Yield one outcome per sample, in order, with at most `window` images in flight."""
-        if self._pool is None:
-            for sample in samples:
-                yield prepare_sample(
-                    sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options, self.retries
-                )
-            return
-        in_flight: deque[tuple[Sample, Future[Outcome]]] = deque()
-        for sample in samples:
-            in_flight.append((sample, self._submit(sample)))
-            if len(in_flight) >= self.window:
-                yield from self._collect(in_flight, keep=self.window - 1)
-        yield from self._collect(in_flight, keep=0)
+    def _describe_held(self) -> str:
+        now = time.monotonic()
+        held = sorted((worker for worker in self._pool if worker.sample is not None), key=lambda worker: worker.since)
+        if not held:
+            return "workers starting"
+        shown = ", ".join(f"{worker.sample.key} ({now - worker.since:.0f} s)" for worker in held[:_KEYS_SHOWN] if worker.sample)
+        more = f" and {len(held) - _KEYS_SHOWN} more" if len(held) > _KEYS_SHOWN else ""
+        return shown + more
 
-    def _submit(self, sample: Sample) -> Future[Outcome]:
-        assert self._pool is not None
-        # Broken before decoding, or in a memory:// filesystem no worker process can see: done here.
-        if sample.error_kind is not None or (sample.path is not None and is_process_local(sample.path)):
-            known: Future[Outcome] = Future()
-            known.set_result(
-                prepare_sample(
-                    sample, self.grid, self.max_image_pixels, self.keep_bytes, self.storage_options, self.retries
-                )
-            )
-            return known
-        return self._pool.submit(_prepare_in_worker, sample)
-
-    def _collect(self, in_flight: deque[tuple[Sample, Future[Outcome]]], keep: int) -> Iterator[Outcome]:
-        """Yield finished outcomes from the front until `keep` remain in flight.
-
-        When a worker dies (a decoder crash), every future of the pool fails and which sample killed it
-        is unknown: the pool is replaced once and each sample that was in flight is retried alone.
-        """
-        while len(in_flight) > keep:
-            sample, future = in_flight.popleft()
-            try:
-                yield future.result()
-            except (BrokenProcessPool, CancelledError):
-                retry = [sample, *(waiting for waiting, _ in in_flight)]
-                in_flight.clear()
-                self._replace_pool()
-                for suspect in retry:
-                    yield self._prepare_alone(suspect)
-
-    def _prepare_alone(self, sample: Sample) -> Outcome:
-        try:
-            return self._submit(sample).result()
-        except (BrokenProcessPool, CancelledError):
-            self._replace_pool()
-            return Failed(sample, ErrorKind.DECODE, "the image decoder crashed on this file")
-
-    def _replace_pool(self) -> None:
-        """A fresh pool after a crash. If even a fresh pool cannot run a no-op, the workers cannot
-        start at all (a broken environment): that fails the run instead of making every image a
-        decode error row that only --retry-errors would undo."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
-        try:
-            self._pool.submit(_worker_ready).result()
-        except (BrokenProcessPool, CancelledError) as exc:
-            raise RuntimeError(f"image decoding workers cannot start: {exc}") from None
+    def _abandon_held_images(self) -> None:
+        """A `prepare` that ended early (a stop, a closed generator) leaves images in workers: those
+        workers are replaced so a later `prepare` never receives an outcome of this one."""
+        for index, worker in enumerate(self._pool):
+            if worker.sample is not None:
+                worker.sample = None
+                worker.process.kill()
+                worker.stop()
+                self._pool[index] = DecodeWorker(self._context, self.settings)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop every worker: idle ones leave, busy ones are killed (their images are not needed)."""
+        pool, self._pool = self._pool, []
+        for worker in pool:
+            worker.stop()

@@ -146,7 +146,14 @@ class RunState:
             self.dir.mkdir(parents=True, exist_ok=True)
             handle = open(self.dir / "lock", "a+")
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not wait:
+                        raise
+                    # An unbounded wait is never silent: say what the run waits for.
+                    log.info("waiting for another caprl run to finish writing %s (lock %s)", self.label, self.dir)
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             except OSError as exc:
                 handle.close()
                 if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
