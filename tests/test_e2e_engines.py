@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +19,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", "6", "--no-progress", "--num-engines", "2")
 IMAGES = 24
+# Small batches and decoding in the engine's own process keep what one engine holds at once small
+# against 24 images, so both engines have work when one is slowed, killed or frozen.
+SMALL_HOLDINGS = ("--batch-size", "2", "--workers", "0")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,24 @@ def summary_of(output: Path) -> dict:
     return json.loads(Path(f"{output}.summary.json").read_text())
 
 
-def start_caprl(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+@pytest.fixture
+def start_caprl() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start the real CLI in the background; a run still going when the test ends is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        process = _popen(*args, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _popen(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "caprl_cli", *map(str, args)],
         stdout=subprocess.PIPE,
@@ -95,10 +115,9 @@ def assert_every_key_once(output: Path, ok: int = IMAGES) -> dict[str, list[dict
 
 def test_two_engines_share_one_queue(folder: Path, tiny_model: Path, run_caprl, tmp_path: Path) -> None:
     output = tmp_path / "out.parquet"
-    # Engine 0 is slowed down (a slow GPU): it must take fewer images than engine 1. Small batches and
-    # decoding in the engine's process keep what an engine holds at once small against 24 images.
+    # Engine 0 is slowed down (a slow GPU): it must take fewer images than engine 1.
     result = run_caprl(
-        "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--batch-size", "2", "--workers", "0",
+        "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, *SMALL_HOLDINGS,
         env={"CAPRL_TEST_ENGINE_DELAY": "0:2"},
     )
     assert result.returncode == 0, result.stderr
@@ -124,11 +143,13 @@ def test_resume_and_status_with_several_engines(folder: Path, tiny_model: Path, 
     assert json.loads(status.stdout)["done"] == IMAGES
 
 
-def test_a_killed_engine_is_replaced_and_its_images_redone(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_killed_engine_is_replaced_and_its_images_redone(
+    folder: Path, tiny_model: Path, tmp_path: Path, start_caprl
+) -> None:
     output = tmp_path / "out.parquet"
     process = start_caprl(
         "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--flush-every", "1",
-        env={"CAPRL_TEST_ENGINE_DELAY": "*:0.3"},
+        *SMALL_HOLDINGS, env={"CAPRL_TEST_ENGINE_DELAY": "*:0.3"},
     )
     workers = wait_until(lambda: len(engine_workers(process.pid)) == 2 and engine_workers(process.pid), process)
     wait_until(lambda: committed_parts(output), process)  # captioning is under way
@@ -141,11 +162,13 @@ def test_a_killed_engine_is_replaced_and_its_images_redone(folder: Path, tiny_mo
     assert sum(engine["images"] for engine in engines) == IMAGES
 
 
-def test_a_frozen_engine_is_replaced_after_the_stall_timeout(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_frozen_engine_is_replaced_after_the_stall_timeout(
+    folder: Path, tiny_model: Path, tmp_path: Path, start_caprl
+) -> None:
     output = tmp_path / "out.parquet"
     process = start_caprl(
         "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--flush-every", "1",
-        "--stall-timeout", "5s", env={"CAPRL_TEST_ENGINE_DELAY": "*:0.3"},
+        "--stall-timeout", "5s", *SMALL_HOLDINGS, env={"CAPRL_TEST_ENGINE_DELAY": "*:0.3"},
     )
     workers = wait_until(lambda: len(engine_workers(process.pid)) == 2 and engine_workers(process.pid), process)
     wait_until(lambda: committed_parts(output), process)

@@ -435,22 +435,33 @@ def test_output_with_no_parts_is_current_once_merged(state: RunState) -> None:
     assert state.output_is_current([])
 
 
-def test_last_run_returns_the_newest_record(state: RunState) -> None:
-    """Run records are kept per run id; `last_run` returns the one with the latest id, whatever the write order."""
+def test_last_run_is_the_last_recorded_whatever_the_clock(state: RunState) -> None:
+    """Run records are ordered by a sequence kept in the state, not by their run ids (clock readings):
+    the last one recorded is the last run even when its clock read earlier; records named by older
+    versions sort before them."""
     assert state.last_run() is None
+    (state.runs_dir).mkdir(parents=True, exist_ok=True)
+    (state.runs_dir / "20240109T000000000000Z-7.json").write_text('{"images": 0}')  # an older version's
     state.record_run("20240102T000000000000Z-7", {"images": 2})
     state.record_run("20240103T000000000000Z-7", {"images": 3})
     state.record_run("20240101T000000000000Z-7", {"images": 1})
-    assert state.last_run() == {"images": 3}
-    assert sorted(p.name for p in state.runs_dir.iterdir()) == [
-        "20240101T000000000000Z-7.json", "20240102T000000000000Z-7.json", "20240103T000000000000Z-7.json",
-    ]
+    assert state.last_run() == {"images": 1}
+
+
+def test_a_later_shard_record_wins_whatever_the_clock(state: RunState) -> None:
+    """A shard recorded again (after --retry-errors fixed its errors) keeps its latest record even when
+    that run's clock read earlier."""
+    state.record_finished_shards("20240105T000000000000Z-7", {"/s.tar": {"samples": 3, "errors": 1}})
+    state.record_finished_shards("20240101T000000000000Z-7", {"/s.tar": {"samples": 3, "errors": 0}})
+    assert state.finished_shards() == {"/s.tar": {"samples": 3, "errors": 0}}
 
 
 def test_last_run_skips_a_damaged_record(state: RunState) -> None:
     """A newest record that is not valid JSON is skipped in favour of the previous one."""
     state.record_run("20240101T000000000000Z-7", {"images": 1})
-    (state.runs_dir / "20240109T000000000000Z-7.json").write_text("{not json")
+    state.record_run("20240109T000000000000Z-7", {"images": 9})
+    newest = max(state.runs_dir.iterdir())
+    newest.write_text("{not json")
     assert state.last_run() == {"images": 1}
 
 

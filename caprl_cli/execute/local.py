@@ -85,18 +85,7 @@ def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = 
     shards that hold the images."""
     sample = item.sample
     if caption.error is not None:
-        row = error_row(
-            key=sample.key,
-            source=sample.source,
-            model=model,
-            kind=ErrorKind.ENGINE,
-            message=caption.error,
-            width=item.width,
-            height=item.height,
-            meta=sample.meta,
-        )
-        row[SIGNATURE] = sample.signature
-        return row
+        return failed_row(Failed(sample, ErrorKind.ENGINE, caption.error, item.width, item.height), model)
     row = caption_row(
         key=sample.key,
         source=sample.source,

@@ -58,7 +58,7 @@ log = logging.getLogger("caprl")
 DEFAULT_STALL_TIMEOUT_S = 600.0
 MAX_UNIT_SIZE = 32
 MAX_FAILURES = 3  # deaths in a row, without a row in between, that take an engine out of the run
-STOP_GRACE_S = 60.0  # how long stopping workers may take to hand in their last rows
+STOP_GRACE_S = 30.0  # how long workers told to end or stop may take to hand in their last rows
 _POLL_S = 0.25
 _BACKOFF_CAP_S = 30.0
 # Compile caches that concurrent engines must not share (vLLM's and torch.compile's, Triton's).
@@ -191,6 +191,7 @@ class EngineSlot:
     start_at: float = 0.0  # when to start the next worker, while there is none
     last_sign: float = 0.0  # last message from the worker, or when it got work while idle
     told: str | None = None  # "end" or "stop" once sent
+    told_at: float = 0.0
     last_error: str | None = None  # what the worker said when an exception ended it
 
     @property
@@ -231,7 +232,6 @@ class MultiEngineRun:
         self._context = multiprocessing.get_context("spawn")
         self._last_log = time.monotonic()
         self.config: WorkerConfig | None = None
-        self._stop_deadline = 0.0
 
     # -- the run -------------------------------------------------------------------------------------
 
@@ -405,12 +405,15 @@ class MultiEngineRun:
             if slot.alive:
                 if not slot.process.is_alive():
                     self._ended(slot)
+                elif slot.told is not None and now - slot.told_at > STOP_GRACE_S:
+                    log.warning("%s did not end in time: killing it", slot.placement.label)
+                    self._kill(slot)
+                    self._gone(slot)
                 elif slot.ready and slot.held and now - slot.last_sign > self.settings.stall_timeout:
                     log.warning(
                         "%s made no progress for %.0fs: killing it", slot.placement.label, now - slot.last_sign
                     )
-                    self._kill(slot)
-                    self._lost(slot, "it stalled")
+                    self._lost(slot, "it stalled")  # killed there, its images given back
                 elif not slot.ready and self.stopping:
                     self._kill(slot)  # still loading: nothing to hand in
                     self._gone(slot)
@@ -516,7 +519,7 @@ class MultiEngineRun:
     def _tell(self, slot: EngineSlot, what: str) -> None:
         if slot.told == what or slot.conn is None:
             return
-        slot.told = what
+        slot.told, slot.told_at = what, time.monotonic()
         try:
             slot.conn.send((what,))
         except (OSError, ValueError):
@@ -537,7 +540,6 @@ class MultiEngineRun:
     def _stop_all(self) -> None:
         """A signal or the deadline: no more units; every worker stops and hands in what it finished."""
         self.stopping = True
-        self._stop_deadline = time.monotonic() + STOP_GRACE_S
         for slot in self.slots:
             if slot.alive and slot.ready:
                 self._tell(slot, "stop")
@@ -551,12 +553,6 @@ class MultiEngineRun:
         """Keep every ready worker supplied up to its capacity. Suspects go only to an engine that holds
         nothing, and while any waits, engines are not given new work (so they empty and take one)."""
         if self.stopping:
-            if time.monotonic() > self._stop_deadline:
-                for slot in self.slots:
-                    if slot.alive:
-                        log.warning("%s did not stop in time: killing it", slot.placement.label)
-                        self._kill(slot)
-                        self._gone(slot)
             return
         for slot in self.slots:
             while slot.alive and slot.ready and slot.told is None and self._holding(slot) < slot.capacity:

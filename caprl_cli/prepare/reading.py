@@ -72,7 +72,13 @@ def _read_local(path: str, max_bytes: int) -> bytes:
         raise SampleError(ErrorKind.READ, f"cannot read {path}: not a regular file ({kind or 'special file'})")
     if info.st_size > max_bytes:
         raise SampleError(ErrorKind.TOO_LARGE, _over(info.st_size, max_bytes))
-    with open(path, "rb") as handle:
+    # Opened without blocking and checked again on the open file: a file swapped for a FIFO since
+    # the stat above can still never hold the worker.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SampleError(ErrorKind.READ, f"cannot read {path}: not a regular file")
+        os.set_blocking(fd, True)
         return read_capped(handle, max_bytes)
 
 

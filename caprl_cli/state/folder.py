@@ -45,7 +45,7 @@ from caprl_cli.outputs.atomic import (
     write_json_atomically,
 )
 from caprl_cli.state.index import CommittedIndex, read_index_columns
-from caprl_cli.state.sequence import is_part_name, part_order
+from caprl_cli.state.sequence import is_part_name, part_order, record_name, record_order
 
 log = logging.getLogger("caprl")
 
@@ -326,18 +326,19 @@ class RunState:
         write_json_atomically(self.merged_path, {"parts": [part.name for part in parts]})
 
     def record_run(self, run_id: str, record: dict[str, Any]) -> None:
-        write_json_atomically(self.runs_dir / f"{run_id}.json", record)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(self.runs_dir / record_name(self.runs_dir, run_id), record)
 
     def record_finished_shards(self, run_id: str, shards: dict[str, dict[str, int]]) -> None:
         """Shards this run read to the end, with a row for every sample (source -> counts)."""
         if shards:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomically(self.shards_dir / f"{run_id}.json", shards)
+            write_json_atomically(self.shards_dir / record_name(self.shards_dir, run_id), shards)
 
     def finished_shards(self) -> dict[str, dict[str, int]]:
         """Every shard some run finished; a later record of a shard replaces an earlier one."""
         finished: dict[str, dict[str, int]] = {}
-        records = sorted(self.shards_dir.glob("*.json")) if self.shards_dir.is_dir() else []
+        records = sorted(self.shards_dir.glob("*.json"), key=record_order) if self.shards_dir.is_dir() else []
         for path in records:
             try:
                 finished.update(json.loads(path.read_text(encoding="utf-8")))
@@ -346,7 +347,7 @@ class RunState:
         return finished
 
     def last_run(self) -> dict[str, Any] | None:
-        records = sorted(self.runs_dir.glob("*.json")) if self.runs_dir.is_dir() else []
+        records = sorted(self.runs_dir.glob("*.json"), key=record_order) if self.runs_dir.is_dir() else []
         for path in reversed(records):
             try:
                 return json.loads(path.read_text(encoding="utf-8"))

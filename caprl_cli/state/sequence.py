@@ -66,3 +66,25 @@ def part_name(sequence: int, run_id: str, label: str) -> str:
     if not 0 <= sequence < 10**SEQUENCE_DIGITS:
         raise ValueError(f"part sequence {sequence} out of range")
     return f"{PART_PREFIX}{sequence:0{SEQUENCE_DIGITS}d}-{run_id}-{label}{PART_SUFFIX}"
+
+
+_SEQUENCED_RECORD = re.compile(r"(\d{%d})-" % SEQUENCE_DIGITS)
+
+
+def record_name(folder: Path, run_id: str) -> str:
+    """The name of a run's record (`runs/`, `shards/`): `<12-digit sequence>-<run id>.json`, one more
+    than the highest sequence in `folder`, so a later record wins whatever the clock said."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        names = []
+    found = (_SEQUENCED_RECORD.match(name) for name in names if name.endswith(".json"))
+    highest = max((int(match.group(1)) for match in found if match), default=0)
+    return f"{highest + 1:0{SEQUENCE_DIGITS}d}-{run_id}.json"
+
+
+def record_order(path: Path | str) -> tuple[int, int, str]:
+    """Sort key of a record: names older versions gave (by name) first, then by sequence."""
+    name = Path(path).name
+    found = _SEQUENCED_RECORD.match(name)
+    return (1, int(found.group(1)), name) if found else (0, 0, name)
