@@ -104,7 +104,8 @@ def test_bad_gpu_lists_are_usage_errors(text: str) -> None:
 def test_decode_workers_are_sized_from_cores_per_engine() -> None:
     assert decode_workers_per_engine(8, 8, cores=64) == 7
     assert decode_workers_per_engine(4, 8, cores=64) == 4
-    assert decode_workers_per_engine(8, 2, cores=2) == 1
+    assert decode_workers_per_engine(8, 2, cores=2) == 2  # one slow image must not hold up its engine
+    assert decode_workers_per_engine(1, 2, cores=2) == 1
     assert decode_workers_per_engine(0, 2, cores=64) == 0
 
 

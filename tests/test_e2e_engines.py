@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -199,3 +201,114 @@ def test_an_image_that_kills_the_engine_becomes_an_engine_error_row(
     crashed = rows["img05.jpg"][0]
     assert crashed["status"] == "error" and crashed["error"].startswith("engine: ")
     assert summary_of(output)["run"]["errors_by_kind"] == {"engine": 1}
+
+
+class HeldImageServer:
+    """An image on 127.0.0.1 whose every request is held until the test releases it: a slow URL whose
+    read ends when the test says, not after some time."""
+
+    def __init__(self, image: bytes) -> None:
+        self.requested = threading.Event()
+        self.released = threading.Event()
+        held = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                held.requested.set()
+                held.released.wait()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                held.requested.set()
+                held.released.wait()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.png"
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held_image(tmp_path: Path) -> Iterator[HeldImageServer]:
+    Image.new("RGB", (48, 40), "purple").save(tmp_path / "slow.png")
+    server = HeldImageServer((tmp_path / "slow.png").read_bytes())
+    yield server
+    server.close()
+
+
+def committed_keys(output: Path) -> list[str]:
+    return [key for part in committed_parts(output) for key in pq.read_table(part, columns=["key"])["key"].to_pylist()]
+
+
+def test_a_slow_image_holds_up_neither_the_other_images_nor_the_run(
+    folder: Path, tiny_model: Path, tmp_path: Path, start_caprl, run_caprl, held_image: HeldImageServer
+) -> None:
+    """The slow URL comes first, so the engine that takes it has the next images of its unit queued
+    behind it: every other image is captioned and committed while the slow one is still being read;
+    meanwhile the run holds its lock (a second run exits 75) and `status` reads the state; once the read
+    ends, the run finishes with every key once."""
+    output = tmp_path / "out.parquet"
+    others = [f"img{number:02d}.jpg" for number in range(IMAGES)]
+    process = start_caprl(
+        "caption", held_image.url, folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--flush-every", "1",
+        # Two decode workers per engine even on a 2-core machine: one waits on the slow read, the
+        # other decodes the rest. One image per batch: a batch is not held open for the slow image.
+        "--workers", "2", "--batch-size", "1", "--decode-timeout", "3600",
+    )
+    wait_until(held_image.requested.is_set, process)
+    wait_until(lambda: sorted(committed_keys(output)) == others, process)
+    assert not held_image.released.is_set() and process.poll() is None  # the slow read is still held
+
+    second = run_caprl("caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS)
+    assert second.returncode == 75, second.stderr
+    status = run_caprl("status", output, held_image.url, folder, "--json")
+    assert status.returncode == 0, status.stderr
+    assert (json.loads(status.stdout)["done"], json.loads(status.stdout)["remaining"]) == (IMAGES, 1)
+
+    held_image.released.set()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    rows = rows_by_key(output)
+    assert sorted(rows) == sorted([*others, held_image.url])
+    assert all(len(found) == 1 and found[0]["status"] == "ok" for found in rows.values())
+
+
+def test_max_runtime_with_several_engines_exits_3_then_a_rerun_completes(
+    folder: Path, tiny_model: Path, run_caprl, tmp_path: Path
+) -> None:
+    """At least 24 s of captioning (2 s per image, 24 images, two engines) cannot fit in 20 s, model
+    loading included: the deadline always leaves work, whatever the machine's speed."""
+    output = tmp_path / "out.parquet"
+    partial = run_caprl(
+        "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--flush-every", "1",
+        *SMALL_HOLDINGS, "--max-runtime", "20s", env={"CAPRL_TEST_ENGINE_DELAY": "*:2"},
+    )
+    assert partial.returncode == 3, partial.stderr
+    assert summary_of(output)["run"]["stopped_by"] == "deadline"
+    done = committed_keys(output)
+    assert len(done) == len(set(done)) < IMAGES
+    status = run_caprl("status", output, folder, "--json")
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)
+    assert (counts["done"], counts["remaining"]) == (len(done), IMAGES - len(done))
+
+    rest = run_caprl("caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS)
+    assert rest.returncode == 0, rest.stderr
+    assert_every_key_once(output)
+    assert summary_of(output)["run"]["images"] == IMAGES - len(done)

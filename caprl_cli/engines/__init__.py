@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from caprl_cli.engines.base import Engine, EngineSpec
+
+# Engines beyond the built-in ones, by name: not reachable from the CLI (whose --engine choices are
+# fixed), but a program driving `runner.run_caption` can add one, e.g. the stand-in engine with which
+# bench/executor.py measures the executor alone. An engine worker process must register it too.
+EXTRA_ENGINES: dict[str, Callable[[EngineSpec], Engine]] = {}
 
 
 def load_engine(name: str, spec: EngineSpec) -> Engine:
     """Start the engine called `name`; heavy imports happen only here."""
+    if name in EXTRA_ENGINES:
+        return EXTRA_ENGINES[name](spec)
     if name == "vllm":
         from caprl_cli.engines.vllm_engine import VllmEngine
 

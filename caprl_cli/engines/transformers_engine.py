@@ -8,6 +8,7 @@ caption whatever it is batched with.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -16,6 +17,8 @@ from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, fi
 from caprl_cli.engines.seeding import request_seed
 
 DEFAULT_BATCH_SIZE = 8
+
+log = logging.getLogger("caprl")
 
 
 def seeded_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
@@ -39,6 +42,16 @@ def seeded_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
             return forced.scatter_(1, choices, 0.0)
 
     return SeededSampler()
+
+
+def _device_of(torch: Any, model: Any) -> str:
+    """Where the weights really are, e.g. `cuda:0 (NVIDIA H200)` or `cpu`: what -v shows, so a run
+    that was meant for a GPU and fell back to the CPU is plain to see."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _top_p_filter(torch: Any, probs: Any, top_p: float) -> Any:
@@ -72,6 +85,7 @@ class TransformersEngine(Engine):
             spec.model_path, dtype=self._torch_dtype(torch, spec.dtype)
         ).to(self.device)
         self.model.eval()
+        log.debug("transformers engine on %s", _device_of(torch, self.model))
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(token) for token in eos_ids if token is not None}

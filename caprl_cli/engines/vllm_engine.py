@@ -3,27 +3,38 @@
 Requests are added to vLLM's engine as prepared images arrive and results are taken as they finish,
 rather than one `generate` call per image or per chunk (which would drain the batch at every chunk
 end). Each request carries its own seed, so a caption does not depend on what it was batched with.
+Prepared images reach the engine through a `Feeder`, so waiting for one never pauses the batch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import logging
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest
+from caprl_cli.engines.feeding import Ended, Feeder
 from caprl_cli.engines.seeding import request_seed
+
+log = logging.getLogger("caprl")
 
 # Requests kept waiting beyond what the scheduler runs at once, so finished slots refill at once.
 _QUEUE_HEADROOM = 16
+# With no request running, how long to wait for input before looking at the stop flag again.
+_INPUT_WAIT_S = 0.1
 
 
 def _prefer_in_process_engine_on_cpu() -> bool:
     """On a machine without GPUs, run vLLM's engine in this process; return True if on CPU.
 
     vLLM's default multiprocess mode reserves a core for its front-end, which on a CPU-only machine
-    takes a large share of the cores that would otherwise run the model.
+    takes a large share of the cores that would otherwise run the model. A value already in the
+    environment wins (`VLLM_ENABLE_V1_MULTIPROCESSING=1` runs the separate engine-core process GPUs use).
     """
     from vllm.platforms import current_platform
 
@@ -33,6 +44,36 @@ def _prefer_in_process_engine_on_cpu() -> bool:
     return on_cpu
 
 
+_PR_SET_PDEATHSIG = 1
+_forking_pid = 0  # in a forked child: the pid of the process that forked it
+
+
+def _engine_processes_die_with_this_one() -> None:
+    """Ask Linux to SIGKILL every process vLLM forks from here (its engine core, which forks its own
+    workers, which inherit this) when the process that forked it dies.
+
+    On GPUs vLLM runs its engine core in a process of its own; when a run is killed with SIGKILL its
+    own cleanup never runs, and the engine core would live on holding the GPU's memory.
+    """
+    if sys.platform.startswith("linux") and not _forking_pid:
+        os.register_at_fork(before=_remember_forking_pid, after_in_child=_die_with_forking_process)
+        _remember_forking_pid()
+
+
+def _remember_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _die_with_forking_process() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _forking_pid:  # it died before the request above took effect
+        os._exit(1)
+
+
 class VllmEngine(Engine):
     """CapRL captioning on `vllm.LLM`."""
 
@@ -40,6 +81,7 @@ class VllmEngine(Engine):
 
     def __init__(self, spec: EngineSpec) -> None:
         on_cpu = _prefer_in_process_engine_on_cpu()
+        _engine_processes_die_with_this_one()
         from vllm import LLM
 
         self.spec = spec
@@ -70,6 +112,7 @@ class VllmEngine(Engine):
         self._llm = LLM(**options)
         scheduler = self._llm.llm_engine.vllm_config.scheduler_config
         self.max_in_flight = scheduler.max_num_seqs + _QUEUE_HEADROOM
+        self._request_ids = itertools.count()  # unique across calls: an aborted request's id is never reused
 
     @property
     def version(self) -> str:
@@ -93,37 +136,47 @@ class VllmEngine(Engine):
         self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[tuple[str, Caption]]:
         engine = self._llm.llm_engine
-        source = iter(items)
+        # Requests come from a thread of their own, so a slow image (a large file, a slow URL) never
+        # stops the engine from stepping the sequences it already runs.
+        feeder: Feeder[ImageRequest] = Feeder(items, _QUEUE_HEADROOM, name="caprl-vllm-feeder")
         pending: dict[str, ImageRequest] = {}
-        request_ids = itertools.count()
         exhausted = False
-        while True:
-            while not exhausted and len(pending) < self.max_in_flight:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                    break
-                request_id = str(next(request_ids))
-                try:
-                    engine.add_request(
-                        request_id,
-                        {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}},
-                        self._sampling_params(item.key),
-                    )
-                except Exception as exc:  # refused by vLLM's input processing: one error row
-                    yield item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
-                    continue
-                pending[request_id] = item
-            if should_stop():
-                engine.abort_request(list(pending))
-                return
-            if not pending:
-                if exhausted:
+        try:
+            while True:
+                while not exhausted and len(pending) < self.max_in_flight:
+                    # With requests running, take only what is ready; with none, wait a little.
+                    item = feeder.take(None if pending else _INPUT_WAIT_S)
+                    if isinstance(item, Ended):
+                        exhausted = True
+                    if not isinstance(item, ImageRequest):
+                        break
+                    request_id = str(next(self._request_ids))
+                    try:
+                        engine.add_request(
+                            request_id,
+                            {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}},
+                            self._sampling_params(item.key),
+                        )
+                    except Exception as exc:  # refused by vLLM's input processing: one error row
+                        yield item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
+                        continue
+                    pending[request_id] = item
+                if should_stop():
                     return
-                continue
-            for output in engine.step():
-                if output.finished:
-                    yield pending.pop(output.request_id).key, _caption_of(output)
+                if not pending:
+                    if exhausted:
+                        return
+                    continue
+                for output in engine.step():
+                    if output.finished:
+                        yield pending.pop(output.request_id).key, _caption_of(output)
+        finally:
+            if pending:  # stopped, or the caller stopped reading: nothing may linger in the engine
+                try:
+                    engine.abort_request(list(pending))
+                except Exception:  # the engine itself failed: the error on its way out says why
+                    log.debug("could not abort %d requests", len(pending), exc_info=True)
+            feeder.close()
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)

@@ -123,11 +123,14 @@ def plan_engines(
 
 def decode_workers_per_engine(workers: int, engines: int, cores: int | None = None) -> int:
     """Decoding processes for each engine: `--workers`, at most the cores each engine has (less one
-    for the engine itself), at least one; 0 stays 0 (decode in the engine's own process)."""
+    for the engine itself), but never fewer than two when `--workers` allows two: with a single one,
+    an image whose read or decode is slow (a slow URL, a huge TIFF) would hold up every other image
+    of its engine until `--decode-timeout`. A worker waiting on a read costs no core. 0 stays 0
+    (decode in the engine's own process)."""
     if workers <= 0:
         return 0
     cores = cores or os.cpu_count() or 1
-    return max(1, min(workers, cores // max(engines, 1) - 1))
+    return max(min(workers, 2), min(workers, cores // max(engines, 1) - 1))
 
 
 def engine_placements(settings: CaptionSettings, environ: Mapping[str, str] | None = None) -> list[EnginePlacement]:

@@ -8,6 +8,7 @@ progress and commits it as part of a part file. Rows are keyed, and engines see 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -40,15 +41,21 @@ class RunOutcome:
 
 
 class RowSink:
-    """Counts each finished row, shows progress, and hands the row to the part writer."""
+    """Counts each finished row, shows progress, and hands the row to the part writer. Thread-safe:
+    an engine may read its requests on a thread of its own, which adds the rows of failed images."""
 
     def __init__(self, parts: PartWriter, progress: Progress, plan: Plan) -> None:
         self.parts = parts
         self.progress = progress
         self.plan = plan
         self.counts = RunCounts()
+        self._lock = threading.Lock()
 
     def add(self, row: Row) -> None:
+        with self._lock:
+            self._add(row)
+
+    def _add(self, row: Row) -> None:
         kind = error_kind_of(row)
         if kind is None:
             self.counts.ok += 1

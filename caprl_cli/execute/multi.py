@@ -43,7 +43,7 @@ from caprl_cli.execute.devices import CUDA_VISIBLE_DEVICES, EnginePlacement, dec
 from caprl_cli.execute.local import RowSink, RunOutcome, caption_plan, engine_spec, expected_images, failed_row, load_model
 from caprl_cli.execute.progress import LOG_INTERVAL_S, Progress
 from caprl_cli.execute.stopping import Stopper
-from caprl_cli.execute.worker import WorkerConfig, worker_main
+from caprl_cli.execute.worker import WorkerConfig, end_engine_process, worker_main
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.provenance import ModelFacts
 from caprl_cli.outputs.rows import Row, error_kind_of
@@ -527,8 +527,7 @@ class MultiEngineRun:
 
     def _kill(self, slot: EngineSlot) -> None:
         if slot.process is not None:
-            if slot.process.is_alive():
-                os.kill(slot.process.pid, signal.SIGKILL)
+            end_engine_process(slot.process.pid, slot.process.is_alive())  # with its engine core
             slot.process.join(timeout=30)
         self._close(slot)
 

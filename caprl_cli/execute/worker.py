@@ -59,6 +59,9 @@ BEAT_INTERVAL_S = 1.0
 # what it holds (it then waits for the next unit with nothing in flight).
 _RESERVE_WAIT_S = 0.1
 _PR_SET_PDEATHSIG = 1
+# The parent-death signal of a worker: caught, to end the worker's whole process group.
+_PARENT_DIED = signal.SIGUSR1
+_WATCH_PARENT_S = 0.5
 _PR_SET_NAME = 15
 
 
@@ -81,7 +84,15 @@ def process_title(index: int) -> str:
 
 
 def become_engine_process(index: int, parent_pid: int) -> None:
-    """Name this process `caprl engine <n>`, die with the parent, leave signals to the parent."""
+    """Name this process `caprl engine <n>`, die with the parent (and take everything it started
+    along), leave signals to the parent.
+
+    The worker leads a process group of its own, which its engine core (vLLM runs it in a process of
+    its own on GPUs), that one's workers and the decode workers join. Its death is the end of the whole
+    group: when the parent dies (the kernel's parent-death signal, and a thread that watches for it in
+    case the main thread is inside a long native call), and when the parent kills it
+    (`end_engine_process`). Killing the worker alone would orphan an engine core that holds the GPU.
+    """
     title = process_title(index)
     try:
         import setproctitle  # installed with vLLM; optional
@@ -89,19 +100,48 @@ def become_engine_process(index: int, parent_pid: int) -> None:
         setproctitle.setproctitle(title)
     except ImportError:
         pass
+    os.setpgid(0, 0)
+    signal.signal(_PARENT_DIED, _end_own_group)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)  # what `ps -o comm` and /proc/<pid>/comm show
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, _PARENT_DIED, 0, 0, 0)
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent_pid:  # the parent died before the request above took effect
         os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="caprl-engine-watch", daemon=True).start()
     # Ctrl-C reaches the whole process group and a scheduler may signal it too: the parent decides
     # how the run stops and tells this worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _end_own_group(*_: object) -> None:
+    """The parent is gone: end this worker and every process it started, at once."""
+    os.killpg(0, signal.SIGKILL)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_WATCH_PARENT_S)
+    _end_own_group()
+
+
+def end_engine_process(pid: int, alive: bool) -> None:
+    """SIGKILL an engine worker and whatever it started (its process group, which outlives a worker that
+    died by itself while its engine core or decode workers still run). `alive`: the worker itself has not
+    been reaped yet, so its pid is still its own (it may not lead its group yet)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class ParentLink:
