@@ -201,22 +201,6 @@ def test_no_process_outlives_a_killed_parent(folder: Path, tiny_model: Path, tmp
     assert_all_end_with(process, tree)
 
 
-def test_no_engine_core_outlives_a_killed_single_engine_run(
-    folder: Path, tiny_model: Path, tmp_path: Path, start_caprl
-) -> None:
-    """The single-GPU default: one engine in the caprl process, its engine core forked from it."""
-    output = tmp_path / "out.parquet"
-    ready = tmp_path / "paused"
-    process = start_caprl(
-        "caption", folder, "-o", output, "--model", tiny_model, *VLLM_ARGS, *SMALL_BATCHES, "--workers", "1",
-        env={**ENGINE_CORE_IN_A_PROCESS, "CAPRL_PAUSE_AT": "rows.first", "CAPRL_PAUSE_FILE": str(ready)},
-    )
-    wait_until(ready.exists, process)  # captioning: the engine core runs its batch meanwhile
-    tree = descendants(process.pid)
-    assert named(tree, "VLLM::EngineCor") and named(tree, "caprl decode"), tree
-    assert_all_end_with(process, tree)
-
-
 def assert_all_end_with(process: subprocess.Popen, tree: dict[int, tuple[str, str]]) -> None:
     """SIGKILL the run's parent; every process of `tree` must end soon after."""
     process.kill()

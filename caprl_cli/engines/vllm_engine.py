@@ -8,12 +8,9 @@ Prepared images reach the engine through a `Feeder`, so waiting for one never pa
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -44,36 +41,6 @@ def _prefer_in_process_engine_on_cpu() -> bool:
     return on_cpu
 
 
-_PR_SET_PDEATHSIG = 1
-_forking_pid = 0  # in a forked child: the pid of the process that forked it
-
-
-def _engine_processes_die_with_this_one() -> None:
-    """Ask Linux to SIGKILL every process vLLM forks from here (its engine core, which forks its own
-    workers, which inherit this) when the process that forked it dies.
-
-    On GPUs vLLM runs its engine core in a process of its own; when a run is killed with SIGKILL its
-    own cleanup never runs, and the engine core would live on holding the GPU's memory.
-    """
-    if sys.platform.startswith("linux") and not _forking_pid:
-        os.register_at_fork(before=_remember_forking_pid, after_in_child=_die_with_forking_process)
-        _remember_forking_pid()
-
-
-def _remember_forking_pid() -> None:
-    global _forking_pid
-    _forking_pid = os.getpid()
-
-
-def _die_with_forking_process() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != _forking_pid:  # it died before the request above took effect
-        os._exit(1)
-
-
 class VllmEngine(Engine):
     """CapRL captioning on `vllm.LLM`."""
 
@@ -81,7 +48,6 @@ class VllmEngine(Engine):
 
     def __init__(self, spec: EngineSpec) -> None:
         on_cpu = _prefer_in_process_engine_on_cpu()
-        _engine_processes_die_with_this_one()
         from vllm import LLM
 
         self.spec = spec

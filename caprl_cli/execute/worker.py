@@ -293,7 +293,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             if not first:  # None: no more work
                 break
             waiting: dict[str, Any] = {}
-            outcomes = preprocessor.prepare(feed.samples(first[1]))
+            outcomes = preprocessor.prepare(feed.samples(first[1]), should_stop=link.should_stop)
             prepared = images_only(outcomes, sink, model, link.should_stop)  # type: ignore[arg-type]
             requests = engine_requests(image_requests(prepared, waiting), config.index, environ)
             for key, caption in engine.caption(requests, link.should_stop):
