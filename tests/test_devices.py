@@ -129,3 +129,18 @@ def test_restart_pauses_grow_and_are_capped() -> None:
     assert restart_delay(0) == 0
     assert restart_delay(1) < restart_delay(2) < restart_delay(3)
     assert restart_delay(50) == 30
+
+
+def test_one_vllm_engine_with_its_core_apart_runs_in_a_worker() -> None:
+    """One vLLM engine whose engine core is a process of its own (GPUs, or asked for) is run in an engine
+    worker, whose process group ends with the parent; otherwise one engine stays in-process."""
+    from caprl_cli.execute.devices import EnginePlacement
+    from caprl_cli.execute.multi import engine_core_apart
+
+    gpu = EnginePlacement(index=0, devices="0")
+    cpu = EnginePlacement(index=0, devices=None)
+    assert engine_core_apart("vllm", gpu, {})
+    assert not engine_core_apart("vllm", gpu, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert not engine_core_apart("vllm", cpu, {})
+    assert engine_core_apart("vllm", cpu, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert not engine_core_apart("transformers", gpu, {})

@@ -201,6 +201,27 @@ def test_no_process_outlives_a_killed_parent(folder: Path, tiny_model: Path, tmp
     assert_all_end_with(process, tree)
 
 
+def test_no_process_outlives_a_killed_parent_of_one_engine(
+    folder: Path, tiny_model: Path, tmp_path: Path, start_caprl
+) -> None:
+    """kill -9 of a run with one vLLM engine whose engine core is a process of its own (the GPU default):
+    the engine runs in a worker for that reason, and its engine core goes with the parent."""
+    output = tmp_path / "out.parquet"
+    process = start_caprl(
+        "caption", folder, "-o", output, "--model", tiny_model, *VLLM_ARGS, *SMALL_BATCHES,
+        "--workers", "1", "--flush-every", "1",
+        env={**ENGINE_CORE_IN_A_PROCESS, "CAPRL_TEST_ENGINE_DELAY": "*:0.3"},
+    )
+
+    def captioning() -> dict[int, tuple[str, str]] | None:
+        tree = descendants(process.pid)
+        loaded = len(named(tree, "caprl engine")) == 1 and len(named(tree, "VLLM::EngineCor")) == 1
+        return tree if loaded and committed_parts(output) else None
+
+    wait_until(captioning, process)
+    assert_all_end_with(process, descendants(process.pid))
+
+
 def assert_all_end_with(process: subprocess.Popen, tree: dict[int, tuple[str, str]]) -> None:
     """SIGKILL the run's parent; every process of `tree` must end soon after."""
     process.kill()

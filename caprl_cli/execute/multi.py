@@ -31,7 +31,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -74,13 +74,29 @@ def caption_with_engines(
     stopper: Stopper,
     keep_images: bool = False,
 ) -> RunOutcome:
-    """Caption the plan's samples with the engines placed: one in this process, several in workers."""
-    if len(placements) == 1:
+    """Caption the plan's samples with the engines placed: one in this process, several in workers.
+
+    One vLLM engine whose engine core runs in a process of its own (on GPUs, or when
+    VLLM_ENABLE_V1_MULTIPROCESSING=1 asks for it) also goes to a worker: that engine core would outlive
+    a kill -9 of this process, while an engine worker leads a process group that ends with its parent.
+    """
+    if len(placements) == 1 and not engine_core_apart(settings.engine, placements[0], os.environ):
         devices = placements[0].devices
         if devices is not None:  # before torch or vLLM is imported here
             os.environ[CUDA_VISIBLE_DEVICES] = devices
         return caption_plan(settings, plan, samples, parts, stopper, keep_images)
     return MultiEngineRun(settings, placements, plan, samples, parts, stopper, keep_images).run()
+
+
+def engine_core_apart(engine: str, placement: EnginePlacement, environ: Mapping[str, str]) -> bool:
+    """Whether the engine runs its core in a separate process: vLLM does on GPUs unless told not to
+    (its CPU build is kept in-process by the engine itself), and wherever it is told to."""
+    if engine != "vllm":
+        return False
+    asked = environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if asked is not None:
+        return asked.strip() not in ("", "0")
+    return placement.devices is not None
 
 
 def unit_size(total: int | None, engines: int) -> int:
