@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,8 @@ def engine(tiny_model: Path) -> Iterator[object]:
     )
     source, profile = load_model(settings)
     saved = os.environ.get(_MULTIPROCESSING)
-    engine = VllmEngine(engine_spec(settings, source, profile))
+    with _application_context():
+        engine = VllmEngine(engine_spec(settings, source, profile))
     try:
         yield engine
     finally:
@@ -38,6 +41,15 @@ def engine(tiny_model: Path) -> Iterator[object]:
             os.environ.pop(_MULTIPROCESSING, None)
         else:
             os.environ[_MULTIPROCESSING] = saved
+
+
+def _application_context() -> contextlib.AbstractContextManager[object]:
+    """vLLM's CPU start-up probes every loaded module's attributes with hasattr; once moto's server (the
+    S3 tests, earlier in this pytest process) has imported Flask, its `current_app` and `request` proxies raise outside
+    an application and request context. The caprl command never imports Flask; this in-process engine gives the
+    probe an application and a request to find."""
+    flask = sys.modules.get("flask")
+    return flask.Flask(__name__).test_request_context() if flask is not None else contextlib.nullcontext()
 
 
 def request(key: str, shade: int) -> ImageRequest:
