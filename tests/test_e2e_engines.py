@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from runs import committed_parts, rows_by_key, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", "6", "--no-progress", "--num-engines", "2")
@@ -34,6 +34,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def rows_by_key(output: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in pq.read_table(output).to_pylist():
+        rows.setdefault(row["key"], []).append(row)
+    return rows
 
 
 def summary_of(output: Path) -> dict:
@@ -85,8 +90,21 @@ def engine_workers(parent: int) -> dict[str, int]:
     return found
 
 
+def wait_until(condition: Callable[[], object], process: subprocess.Popen, timeout: float = 300) -> object:
+    """Poll `condition` until it holds; fails if the run ends first (the event never came)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert process.poll() is None, f"the run ended before the event: {process.communicate()[1]}"
+        time.sleep(0.05)
+    raise AssertionError("the event did not come")
 
 
+def committed_parts(output: Path) -> list[Path]:
+    state = output.parent / f"{output.name}.caprl"
+    return [path for path in state.rglob("*.parquet") if not path.name.startswith(".")]
 
 
 def assert_every_key_once(output: Path, ok: int = IMAGES) -> dict[str, list[dict]]:

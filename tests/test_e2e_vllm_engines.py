@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from runs import committed_parts, rows_by_key, wait_until
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +113,28 @@ def named(processes: dict[int, tuple[str, str]], prefix: str) -> list[int]:
 # -- runs -------------------------------------------------------------------------------------------
 
 
+def wait_until(condition: Callable[[], object], process: subprocess.Popen, timeout: float = 600) -> object:
+    """Poll `condition` until it holds; fails if the run ends first (the event never came)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert process.poll() is None, f"the run ended before the event: {process.communicate()[1]}"
+        time.sleep(0.05)
+    raise AssertionError("the event did not come")
 
 
+def committed_parts(output: Path) -> list[Path]:
+    state = output.parent / f"{output.name}.caprl"
+    return [path for path in state.rglob("*.parquet") if not path.name.startswith(".")]
 
 
+def rows_by_key(output: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in pq.read_table(output).to_pylist():
+        rows.setdefault(row["key"], []).append(row)
+    return rows
 
 
 def summary_of(output: Path) -> dict:
