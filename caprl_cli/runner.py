@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from caprl_cli.errors import CaprlError, UsageError
@@ -19,6 +20,7 @@ from caprl_cli.execute.multi import caption_with_engines
 from caprl_cli.execute.stopping import StopNow, Stopper, StopReason
 from caprl_cli.inputs.prefetch import Prefetcher
 from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
+from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions, OutputTarget
 from caprl_cli.outputs.provenance import ModelFacts, RunCounts, build_provenance, totals_of, utc_now
@@ -28,6 +30,7 @@ from caprl_cli.state.fingerprint import fingerprint_changes, fingerprint_of, unr
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.state.plan import Plan, peek, plan_run
+from caprl_cli.state.shares import Share
 from caprl_cli.storage import is_url
 
 log = logging.getLogger("caprl")
@@ -134,6 +137,9 @@ def output_target(settings: CaptionSettings) -> OutputTarget:
             state_dir=settings.state_dir,
             storage_options=settings.storage_options,
             replace_sidecars=settings.replace_sidecars,
+            rows_per_file=settings.rows_per_file,
+            share=None if settings.num_shards is None else (settings.shard_index, settings.num_shards),
+            num_captions=settings.num_captions,
         ),
     )
 
@@ -173,6 +179,23 @@ def commit_withdrawals(state: RunState, run_id: str, plan: Plan, model: str, kee
         parts.close()
 
 
+def run_engines(
+    settings: CaptionSettings,
+    placements: list,
+    plan: Plan,
+    samples: Iterator[Sample],
+    parts: PartWriter,
+    stopper: Stopper,
+    keep_images: bool,
+) -> RunOutcome:
+    """The executor the settings choose: engines on this machine, or on a Ray cluster."""
+    if settings.executor == "ray":
+        from caprl_cli.execute.ray_executor import caption_with_ray
+
+        return caption_with_ray(settings, plan, samples, parts, stopper, keep_images)
+    return caption_with_engines(settings, placements, plan, samples, parts, stopper, keep_images)
+
+
 def run_caption(settings: CaptionSettings, started: float | None = None) -> RunReport:
     """Caption what the output does not hold yet; the output is published atomically at the end.
     `started` (a time.monotonic() reading) is when the command started: --max-runtime counts from it."""
@@ -195,7 +218,7 @@ def run_caption(settings: CaptionSettings, started: float | None = None) -> RunR
         options = input_options(settings, target)
         inputs = resolve_inputs(list(settings.inputs), options)
         check_sidecar_inputs(settings, inputs)
-        placements = engine_placements(settings)
+        placements = engine_placements(settings) if settings.executor == "local" else []  # Ray places its own
         # Every check has passed: only now does the state change.
         if settings.overwrite:
             start_over(state, settings)
@@ -212,6 +235,7 @@ def run_caption(settings: CaptionSettings, started: float | None = None) -> RunR
             finished_shards=state.finished_shards(),
             options=options,
             retries=settings.retries,
+            share=Share.of(settings),
         )
         run_id = new_run_id()
         outcome = RunOutcome(RunCounts(), 0.0, last_facts(state))
@@ -224,7 +248,7 @@ def run_caption(settings: CaptionSettings, started: float | None = None) -> RunR
                 schema = PART_SCHEMA_WITH_IMAGES if target.keeps_images else PART_SCHEMA
                 parts = PartWriter(state.parts_dir, run_id, flush_rows=settings.flush_every, schema=schema)
                 try:
-                    outcome = caption_with_engines(
+                    outcome = run_engines(
                         settings, placements, plan, samples, parts, stopper, target.keeps_images
                     )
                 finally:

@@ -23,10 +23,15 @@ DEFAULT_MODEL = "internlm/CapRL-3B"
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept here so `--help` needs no Pillow.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Repeats of one block that stop a looping caption (engines/repetition.py's rule), here for `--help`.
+DEFAULT_MAX_REPEATS = 4
 OUTPUT_FORMATS = ("parquet", "jsonl", "webdataset", "sidecar")
-ENGINES = ("vllm", "transformers")
+ENGINES = ("vllm", "transformers", "openai")
+EXECUTORS = ("local", "ray")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
+# Rows per file of a Parquet dataset folder (outputs/parquet_dataset.py), here for `--help`.
+DEFAULT_ROWS_PER_FILE = 250_000
 _SECONDS_PER_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
@@ -79,6 +84,26 @@ class CaptionSettings:
     num_engines: int | None = None
     tensor_parallel_size: int = 1
     stall_timeout: float = 600.0
+    # Node shares (see state/shares.py): this run takes share `shard_index` of `num_shards`, chosen by a
+    # stable hash of each work unit; both None for the whole of the work. Fingerprinted.
+    num_shards: int | None = None
+    shard_index: int | None = None
+    # Captions per image, each from its own seed (see engines/seeding.py). Fingerprinted.
+    num_captions: int = 1
+    # Stop a caption once its tail is this many repeats of one block (engines/repetition.py); 0: never.
+    # Fingerprinted.
+    max_repeats: int = DEFAULT_MAX_REPEATS
+    # Parquet dataset folder (`-o folder/ --format parquet`): rows per data file at most. Not fingerprinted.
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    # Where the engines run (see execute/ray_executor.py): "local" (this machine) or "ray", on the Ray
+    # cluster at ray_address or on a local one the run starts. Not fingerprinted.
+    executor: str = "local"
+    ray_address: str | None = None
+    # --engine openai: the OpenAI-compatible server (its URL up to /v1), the environment variable that
+    # holds its API key (the key itself is never stored), and requests in flight. Not fingerprinted.
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 32
 
     @property
     def output_location(self) -> str | None:
@@ -109,10 +134,9 @@ def output_format_for(output: str | Path | None, requested: str | None) -> str:
     is_pattern = suffix == ".tar" and "%" in name
     if requested:
         requested = requested.lower()
-        file_format = requested in _FORMAT_BY_SUFFIX.values()
         names = None
-        if is_folder and file_format:
-            names = "a folder (it ends in /)"
+        if is_folder and requested == "jsonl":
+            names = "a folder (it ends in /); only --format parquet (a dataset folder) or webdataset write one"
         elif is_pattern and requested != "webdataset":
             names = "WebDataset shards"
         elif by_suffix and not is_folder and requested != by_suffix:
@@ -123,7 +147,8 @@ def output_format_for(output: str | Path | None, requested: str | None) -> str:
     if by_suffix and is_folder:
         raise UsageError(
             f"the output {text!r} ends in / (a folder) but its name says {by_suffix}: drop the / for a "
-            f"{by_suffix} file, or pass --format webdataset for a folder of shards"
+            f"{by_suffix} file, or pass --format parquet for a Parquet dataset folder or --format webdataset "
+            "for a folder of shards"
         )
     found = by_suffix
     if found is None and (is_pattern or is_folder or Path(output).is_dir()):
@@ -134,6 +159,13 @@ def output_format_for(output: str | Path | None, requested: str | None) -> str:
             f"a folder (ending in /) or pattern (out-%06d.tar) of shards, or --format {'|'.join(OUTPUT_FORMATS)}"
         )
     return found
+
+
+def is_dataset_folder(output: str, output_format: str) -> bool:
+    """Whether `-o output --format parquet` names a Parquet dataset folder rather than one Parquet file:
+    only a name ending in `/` does, so a typo never turns a file into a folder (an existing folder named
+    without the `/` is refused as an output file). A folder without `--format` stays WebDataset."""
+    return output_format == "parquet" and output.endswith("/")
 
 
 def validate_settings(settings: CaptionSettings) -> None:
@@ -169,19 +201,88 @@ def validate_settings(settings: CaptionSettings) -> None:
             "--tensor-parallel-size applies to --engine vllm only",
         ),
         (settings.stall_timeout > 0, "--stall-timeout must be positive"),
+        (settings.rows_per_file >= 1, "--rows-per-file must be at least 1"),
+        (settings.num_captions >= 1, "--num-captions must be at least 1"),
+        (settings.max_repeats == 0 or settings.max_repeats >= 2, "--max-repeats must be 0 (off) or at least 2"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    validate_share(settings.num_shards, settings.shard_index)
+    validate_executor(settings)
+    validate_server(settings)
     local_model_folder(settings.model)
     location = settings.output_location
     local = local_path_of(location) if location is not None else None
-    if local is not None and settings.output_format in ("parquet", "jsonl"):
+    dataset = location is not None and is_dataset_folder(location, settings.output_format)
+    if local is not None and settings.output_format in ("parquet", "jsonl") and not dataset:
         check_output_writable(local)
     if settings.output_format != "webdataset" and not settings.images:
         raise UsageError("--no-images only applies to --format webdataset")
     if settings.output_format != "sidecar" and settings.replace_sidecars:
         raise UsageError("--replace-sidecars only applies to --format sidecar")
+
+
+def validate_server(settings: CaptionSettings) -> None:
+    """`--engine openai` needs `--base-url` (and only it takes one); the server owns the GPUs."""
+    if settings.engine != "openai":
+        for given, option in ((settings.base_url, "--base-url"), (settings.api_key_env, "--api-key-env")):
+            if given is not None:
+                raise UsageError(f"{option} applies to --engine openai only")
+        return
+    if not settings.base_url:
+        raise UsageError("--engine openai needs --base-url (the server's URL, e.g. http://gpu-host:8000/v1)")
+    if not settings.base_url.startswith(("http://", "https://")):
+        raise UsageError(f"--base-url must be an http:// or https:// URL, not {settings.base_url!r}")
+    if settings.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if settings.api_key_env is not None and not os.environ.get(settings.api_key_env):
+        raise UsageError(f"--api-key-env {settings.api_key_env}: that environment variable is not set")
+    if settings.gpus is not None or (settings.num_engines or 1) > 1:
+        raise UsageError("--gpus and --num-engines do not apply to --engine openai: the server runs the model")
+    if settings.executor != "local":
+        raise UsageError("--executor ray does not apply to --engine openai: the server runs the model")
+
+
+def validate_executor(settings: CaptionSettings) -> None:
+    """`--executor ray` needs Ray, and places engines itself; `--ray-address` means nothing without it."""
+    if settings.executor not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}")
+    if settings.executor != "ray":
+        if settings.ray_address is not None:
+            raise UsageError("--ray-address applies to --executor ray only")
+        return
+    if settings.gpus is not None:
+        raise UsageError("--gpus picks GPUs of this machine; with --executor ray, Ray places the engines (use --num-engines)")
+    from caprl_cli.execute.ray_cluster import require_ray
+
+    require_ray()
+
+
+def validate_share(num_shards: int | None, shard_index: int | None) -> None:
+    """`--num-shards N --shard-index I` come together, with 0 <= I < N."""
+    if (num_shards is None) != (shard_index is None):
+        raise UsageError("--num-shards and --shard-index go together: give both or neither")
+    if num_shards is None or shard_index is None:
+        return
+    if num_shards < 1:
+        raise UsageError("--num-shards must be at least 1")
+    if not 0 <= shard_index < num_shards:
+        raise UsageError(f"--shard-index must be in 0..{num_shards - 1} (--num-shards {num_shards})")
+
+
+SHARE_PLACEHOLDER = "{shard_index}"
+
+
+def output_for_share(output: str | None, num_shards: int | None, shard_index: int | None) -> str | None:
+    """`-o` with `{shard_index}` filled in, so one command line (an array job's) gives every share its
+    own output: `caps-{shard_index}.parquet` -> `caps-3.parquet`."""
+    if output is None or SHARE_PLACEHOLDER not in output:
+        return output
+    validate_share(num_shards, shard_index)
+    if shard_index is None:
+        raise UsageError(f"-o {output!r} names {SHARE_PLACEHOLDER} but no --num-shards/--shard-index was given")
+    return output.replace(SHARE_PLACEHOLDER, str(shard_index))
 
 
 def parse_duration(text: str) -> float:
@@ -198,8 +299,15 @@ def parse_duration(text: str) -> float:
 def check_output_writable(output: Path) -> None:
     """Fail early, before a model loads, if the output cannot be written where asked."""
     if output.is_dir():
-        raise UsageError(f"output {output} is a directory; give a file name ending in .parquet or .jsonl")
+        raise UsageError(
+            f"output {output} is a directory; give a file name ending in .parquet or .jsonl, "
+            "or end it with / and pass --format parquet for a Parquet dataset folder"
+        )
     parent = output.parent
+    from caprl_cli.outputs.place import probes_allowed
+
+    if not probes_allowed():  # a dry run: the output place checks judge the folder without writing
+        return
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".caprl-probe-"):

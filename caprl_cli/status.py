@@ -16,24 +16,35 @@ from typing import Any
 from caprl_cli.errors import UsageError
 from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions
+from caprl_cli.outputs.locate import as_dataset_folder, check_recorded_share, located_format, missing_state_hint
+from caprl_cli.state.fingerprint import SHARE
 from caprl_cli.state.plan import plan_run
+from caprl_cli.state.shares import Share, describe_share
 from caprl_cli.execute.progress import format_duration
 from caprl_cli.state.folder import PartsChanged, RunState
 from caprl_cli.state.index import CommittedIndex
-from caprl_cli.settings import output_format_for
 from caprl_cli.inputs.resolve import InputOptions, resolve_inputs
 from caprl_cli.storage import StorageOptions
 
 
-def state_dir_of(output: str, output_format: str | None, state_dir: Path | None) -> Path:
-    """The state folder a run with this -o (and --format, --state-dir) used."""
+def state_dir_of(
+    output: str,
+    output_format: str | None,
+    state_dir: Path | None,
+    share: tuple[int, int] | None = None,
+    storage_options: StorageOptions | None = None,
+) -> Path:
+    """The state folder a run with this -o (and --format, --state-dir, --num-shards/--shard-index) used.
+    A folder holding a Parquet dataset is one without --format (outputs/locate.py); another folder means
+    WebDataset shards (or sidecar captions): either keeps its state in <folder>/.caprl."""
     if state_dir is not None:
         return state_dir
-    try:  # a folder means WebDataset shards (or sidecar captions): either keeps its state in <folder>/.caprl
-        output_format = output_format_for(output, output_format)
+    try:
+        output_format = located_format(output, output_format, storage_options)
     except UsageError:
         output_format = "parquet"
-    return open_target(output, [output], OutputOptions(output_format=output_format)).state_dir
+    location = as_dataset_folder(output, output_format, storage_options)
+    return open_target(location, [location], OutputOptions(output_format=output_format, share=share)).state_dir
 
 
 def output_status(
@@ -43,22 +54,29 @@ def output_status(
     state_dir: Path | None = None,
     storage_options: StorageOptions | None = None,
     reading: InputOptions | None = None,
+    share: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """done, ok, errors (and by kind), remaining (None without inputs), last run, images/s, ETA.
 
     `reading` says how inputs are read (`--files-from`, `--image-column`, `--image-root`,
-    `--keep-meta`), exactly as the caption run was told, so `remaining` counts the same images."""
-    state = RunState(None, state_dir=state_dir_of(str(output), output_format, state_dir), label=str(output))
+    `--keep-meta`), exactly as the caption run was told, so `remaining` counts the same images. `share`
+    (index, count) names a node share's state inside a Parquet dataset folder."""
+    found_dir = state_dir_of(str(output), output_format, state_dir, share, storage_options)
+    state = RunState(None, state_dir=found_dir, label=str(output))
     if not state.exists():
-        raise UsageError(f"no caprl run has written {output} (no state folder {state.dir})")
+        hint = missing_state_hint(str(output), share) if state_dir is None else ""
+        raise UsageError(f"no caprl run has written {output} (no state folder {state.dir}){hint}")
+    check_recorded_share(state.stored_fingerprint(), share, str(output))
     index, damaged = read_committed(state)
     errors_by_kind = index.error_counts()
     errors = sum(errors_by_kind.values())
     remaining = None
     options = dataclasses.replace(reading or InputOptions(), storage_options=storage_options or {})
+    share_record = (state.stored_fingerprint() or {}).get(SHARE)
     if inputs or options.files_from:
         found = resolve_inputs(inputs, options)
-        plan = plan_run(found, index, finished_shards=state.finished_shards(), options=options)
+        share = Share(**share_record) if share_record else None  # count what remains of this share only
+        plan = plan_run(found, index, finished_shards=state.finished_shards(), options=options, share=share)
         remaining = sum(1 for _ in plan.samples())
     last_run = state.last_run()
     rate = (last_run or {}).get("images_per_s") or None
@@ -76,6 +94,7 @@ def output_status(
         "last_run": last_run,
         "images_per_s": rate,
         "eta_s": round(eta, 1) if eta is not None else None,
+        "share": share_record or None,
     }
 
 
@@ -100,6 +119,9 @@ def read_committed(state: RunState) -> tuple[CommittedIndex, list[Path]]:
 def format_status(status: dict[str, Any]) -> str:
     """One line per fact, for a shell or a cron log."""
     lines = [f"{status['output']}: {status['done']} done ({status['ok']} ok, {status['errors']} errors)"]
+    share = describe_share(status.get("share"))
+    if share:
+        lines[0] += f"; {share} (--num-shards/--shard-index)"
     if status["errors_by_kind"]:
         lines.append("errors: " + ", ".join(f"{kind} {n}" for kind, n in status["errors_by_kind"].items()))
     if status["remaining"] is not None:

@@ -112,3 +112,15 @@ def write_shard(path: Path, samples: list[dict[str, object]]) -> Path:
         for sample in samples:
             writer.write(sample)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Qwen3-VL (CapRL-Qwen3VL's architecture: a 32-pixel grid), built once per session."""
+    return _load_tiny_model_builder().build_qwen3_vl(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random transformers-native InternVL3.5 (CapRL-InternVL3.5's architecture: tiles), built once."""
+    return _load_tiny_model_builder().build_internvl(tmp_path_factory.mktemp("models") / "tiny-internvl")

@@ -89,6 +89,11 @@ def parquet_keys(path: Path) -> list[str]:
     return pq.read_table(path)["key"].to_pylist() if path.exists() else []
 
 
+def dataset_keys(folder: Path) -> list[str]:
+    """Every row's key across a Parquet dataset folder, read as one table (hidden state folders skipped)."""
+    return pq.read_table(folder)["key"].to_pylist() if list(folder.glob("*.parquet")) else []
+
+
 def jsonl_keys(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -204,6 +209,12 @@ def build_case(name: str, root: Path, folders: dict[str, Path], request: pytest.
                     [str(folders["small"]), "-o", f"{output}/", "--format", "webdataset", "--shard-size", "4", *images],
                     read_keys=lambda: local_shard_keys(output), temporaries=lambda: local_temporaries(root),
                     snapshot=copy_folder(root), restore=restore_folder(root))
+    if name == "parquet-dataset":
+        output = root / "captions"
+        return Case(name, folders["small"], root,
+                    [str(folders["small"]), "-o", f"{output}/", "--format", "parquet", "--rows-per-file", "4"],
+                    read_keys=lambda: dataset_keys(output), temporaries=lambda: local_temporaries(root),
+                    snapshot=copy_folder(root), restore=restore_folder(root))
     if name == "sidecar":
         images = root / "images"
         shutil.copytree(folders["small"], images)
@@ -275,7 +286,8 @@ class Prepared:
         assert not self.case.temporaries(), self.case.temporaries()
 
 
-FORMATS = ["parquet", "jsonl", "webdataset", "webdataset-no-images", "sidecar", "s3-parquet", "s3-webdataset"]
+FORMATS = ["parquet", "jsonl", "webdataset", "webdataset-no-images", "sidecar", "s3-parquet", "s3-webdataset",
+           "parquet-dataset"]
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +339,10 @@ PUBLISH_POINTS = {
                       "upload.put:4"],
 }
 PUBLISH_POINTS["jsonl"] = ["merge.output_temp", "merge.output_renamed"]
+# The pending publish writes two new files (4 + 3 rows) and rewrites the baseline's first file without
+# its replaced error row.
+PUBLISH_POINTS["parquet-dataset"] = ["dataset.file_written", "dataset.file_written:2", "dataset.stale_rewritten",
+                                     "dataset.recorded", "dataset.parts_dropped"]
 PUBLISH_POINTS["webdataset-no-images"] = PUBLISH_POINTS["webdataset"]
 
 

@@ -123,6 +123,8 @@ def test_two_engines_share_one_queue(folder: Path, tiny_model: Path, run_caprl, 
         env={"CAPRL_TEST_ENGINE_DELAY": "0:2"},
     )
     assert result.returncode == 0, result.stderr
+    # Engine worker processes print no library warnings at the default level: every line is caprl's.
+    assert all(line.startswith("caprl: ") for line in result.stderr.splitlines() if line.strip()), result.stderr
     assert_every_key_once(output)
     engines = summary_of(output)["run"]["engines"]
     assert [engine["engine"] for engine in engines] == [0, 1]

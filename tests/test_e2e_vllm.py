@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +15,8 @@ from caprl_cli.prepare.grid import Grid
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 24
 ENGINE_ARGS = ("--engine", "vllm", "--dtype", "float32", "--max-tokens", str(MAX_TOKENS), "--no-progress")
+# vLLM's own log format: `(EngineCore pid=12) INFO 11-30 02:37:24 [model.py:733] ...`, the process part optional.
+VLLM_LOG_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[\w./-]+:\d+\]")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,16 @@ def test_every_image_gets_exactly_one_row(parquet_run, corpus, tiny_model: Path)
     assert_rows_match_corpus(
         read_rows(output), root, expected, model=str(tiny_model), max_tokens=MAX_TOKENS, grid=Grid(28)
     )
+
+
+def test_default_output_is_caprls_own(parquet_run) -> None:
+    """At the default level every line on stderr is caprl's (no vLLM, torch or Triton start-up
+    warnings, no torch C++ NUMA warning) and nothing goes to stdout."""
+    result, _ = parquet_run
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("caprl: ") for line in lines), lines
+    assert result.stdout == ""
 
 
 def test_provenance_in_parquet_and_summary(parquet_run, corpus, tiny_model: Path) -> None:
@@ -79,11 +92,15 @@ def test_captions_do_not_depend_on_batching(parquet_run, run_caprl, corpus, tiny
 
 
 def test_engine_refusal_becomes_error_rows(run_caprl, corpus, tiny_model: Path, tmp_path: Path) -> None:
-    """A request the engine refuses (prompt longer than the context) costs one row, not the run."""
+    """A request the engine refuses (prompt longer than the context) costs one row, not the run. Run
+    with -vv, which shows vLLM's own log lines (`(<process> pid=N) LEVEL mm-dd hh:mm:ss [file.py:N]`)."""
     root, expected = corpus
     output = tmp_path / "short-context.jsonl"
-    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--max-model-len", "300", *ENGINE_ARGS)
+    result = run_caprl("caption", root, "-o", output, "--model", tiny_model, "--max-model-len", "300", *ENGINE_ARGS,
+                       "-vv")
     assert result.returncode == 0, result.stderr
+    engine_lines = [line for line in (result.stdout + result.stderr).splitlines() if VLLM_LOG_LINE.match(line)]
+    assert {VLLM_LOG_LINE.match(line).group(1) for line in engine_lines} >= {"INFO", "WARNING"}
     rows = read_rows(output)
     assert sorted(row["key"] for row in rows) == sorted(expected)
     engine_errors = [row for row in rows if (row["error"] or "").startswith("engine: ")]

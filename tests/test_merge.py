@@ -156,8 +156,11 @@ def test_many_parts_are_compacted_while_merging(tmp_path: Path, fmt: str) -> Non
     compacted = pq.read_table(parts[0]).to_pylist()
     assert sorted(row["key"] for row in compacted) == sorted(f"k{i}" for i in range(count - 1))
     assert {row["key"]: row["caption"] for row in compacted}["k0"] == "again"
-    # Parts from before signatures existed compact with a null signature; the output keeps the contract.
+    # Parts from before signatures (and the list columns of several captions per image) existed compact
+    # with those columns null; the output keeps the contract.
     assert {row.pop("signature") for row in compacted} == {None}
+    for name in ("captions", "finish_reasons", "output_token_counts"):
+        assert {row.pop(name) for row in compacted} == {None}
     assert _read(state.output, fmt) == compacted
     assert state.output_is_current(parts)
     assert not [p for p in state.parts_dir.iterdir() if p.name.endswith(".tmp")]

@@ -79,7 +79,8 @@ def made(run_caprl, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
         ("ow.parquet", ("eq", "--overwrite", "--seed", "-1"), "--seed"),
         ("wds/", ("eq_typo", "--overwrite"), "does not exist"),
         ("wds/", ("eq", "other", "--overwrite"), "names both"),
-        ("wds/", ("eq", "--format", "parquet"), "contradicts"),
+        ("wds/", ("eq", "--format", "parquet"), "--format changed"),  # a dataset folder, but shards are there
+        ("wds/", ("eq", "--format", "jsonl"), "contradicts"),
         ("wds/", ("eq", "--no-images"), "--images/--no-images"),
         ("wds", ("eq", "--format", "sidecar"), "--format changed"),
     ],

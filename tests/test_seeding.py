@@ -51,3 +51,19 @@ def test_key_and_run_seed_do_not_alias() -> None:
     """(seed 1, key "2") and (seed 12, key "") are different inputs and give different seeds."""
     assert request_seed(1, "2") != request_seed(12, "")
     assert request_seed(1, "23") != request_seed(12, "3")
+
+
+def test_caption_index_zero_keeps_the_single_caption_seed() -> None:
+    """`--num-captions 1` output is unchanged: caption 0 has the seed an image always had."""
+    import hashlib
+
+    for key in KEYS:
+        digest = hashlib.blake2b(f"5\x00{key}".encode(), digest_size=8).digest()
+        assert request_seed(5, key, 0) == request_seed(5, key) == int.from_bytes(digest, "big") % 2**31
+
+
+def test_each_caption_of_an_image_has_its_own_seed() -> None:
+    for key in KEYS:
+        seeds = [request_seed(3, key, index) for index in range(8)]
+        assert len(set(seeds)) == 8
+        assert seeds == [request_seed(3, key, index) for index in range(8)]

@@ -173,11 +173,18 @@ def test_output_grandparent_is_a_file(settings: CaptionSettings, tmp_path: Path)
 
 
 def test_output_is_a_directory(settings: CaptionSettings, tmp_path: Path) -> None:
-    """An output path that is an existing directory is a UsageError."""
+    """An existing folder named as a file output (no trailing '/') is refused, never written into: the
+    message says how to ask for a Parquet dataset folder instead (end it with '/', --format parquet)."""
     folder = tmp_path / "o.parquet"
     folder.mkdir()
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"is a directory.*end it with /.*--format parquet"):
         validate_settings(dataclasses.replace(settings, output=folder))
+    for name in ("caps", "caps/"):  # a dataset folder is named with its '/'; as a file output it is refused
+        (tmp_path / "caps").mkdir(exist_ok=True)
+        given = dataclasses.replace(settings, output=str(tmp_path / name), output_format="jsonl")
+        with pytest.raises(UsageError, match="end it with /" if name == "caps" else "folder"):
+            validate_settings(given)
+    validate_settings(dataclasses.replace(settings, output=f"{tmp_path / 'caps'}/"))  # the dataset folder
 
 
 def test_missing_output_folders_are_created_and_no_probe_left(settings: CaptionSettings, tmp_path: Path) -> None:

@@ -24,4 +24,8 @@ def load_engine(name: str, spec: EngineSpec) -> Engine:
         from caprl_cli.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(spec)
+    if name == "openai":
+        from caprl_cli.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(spec)
     raise ValueError(f"unknown engine {name!r}")

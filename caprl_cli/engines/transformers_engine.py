@@ -3,7 +3,9 @@
 Batched sampling in `generate` draws from one global random stream, so a caption would depend on its
 batch. Instead a logits processor samples each row with its own generator, seeded from the run seed
 and the image key, and hands `generate` a one-hot choice to take greedily: the same image gets the same
-caption whatever it is batched with.
+caption whatever it is batched with. With `num_captions` N > 1 each image is N rows of the batch, row i
+seeded from (seed, key, i). A stopping criterion watches every row's tokens and ends a row whose tail
+loops (see `repetition`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, finish_reason_of
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, combine_captions, finish_reason_of
+from caprl_cli.engines.repetition import RepetitionRule, RepetitionTracker
 from caprl_cli.engines.seeding import request_seed
 
 DEFAULT_BATCH_SIZE = 8
@@ -42,6 +45,33 @@ def seeded_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
             return forced.scatter_(1, choices, 0.0)
 
     return SeededSampler()
+
+
+def loop_stopper(rule: RepetitionRule, batch_size: int, eos_ids: set[int]) -> Any:
+    """A StoppingCriteria that ends each row of the batch whose tail loops; `looped_at[row]` is then
+    the number of tokens the row had when it was stopped (None for rows that did not loop)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class LoopStopper(StoppingCriteria):
+        def __init__(self) -> None:
+            self.trackers = [RepetitionTracker(rule) for _ in range(batch_size)]
+            self.ended = [False] * batch_size  # the row ended (eos or loop): later tokens are padding
+            self.looped_at: list[int | None] = [None] * batch_size
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if self.ended[row]:
+                    continue
+                if token in eos_ids:
+                    self.ended[row] = True
+                elif self.trackers[row].push(token):
+                    self.ended[row] = True
+                    self.looped_at[row] = len(self.trackers[row].tokens)
+            looped = [at is not None for at in self.looped_at]
+            return torch.tensor(looped, dtype=torch.bool, device=input_ids.device)
+
+    return LoopStopper()
 
 
 def _device_of(torch: Any, model: Any) -> str:
@@ -107,26 +137,34 @@ class TransformersEngine(Engine):
     def caption(
         self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[tuple[str, Caption]]:
-        source = iter(items)
-        while not should_stop() and (batch := list(islice(source, self.batch_size))):
-            yield from self._caption_batch(batch, should_stop)
+        count = self.spec.sampling.num_captions
+        # Each image is `count` samples (image, index); a batch holds `batch_size` samples, and an
+        # image is yielded once all its samples are done (they may span two batches).
+        samples = ((item, index) for item in items for index in range(count))
+        done: dict[str, list[Caption]] = {}
+        while not should_stop() and (batch := list(islice(samples, self.batch_size))):
+            for (item, _), caption in self._caption_batch(batch, should_stop):
+                captions = done.setdefault(item.key, [])
+                captions.append(caption)
+                if len(captions) == count:
+                    yield item.key, combine_captions(done.pop(item.key))
 
     def _caption_batch(
-        self, batch: list[ImageRequest], should_stop: Callable[[], bool]
-    ) -> Iterator[tuple[str, Caption]]:
+        self, batch: list[tuple[ImageRequest, int]], should_stop: Callable[[], bool]
+    ) -> Iterator[tuple[tuple[ImageRequest, int], Caption]]:
         try:
             captions = self._generate(batch, should_stop)
         except Exception as exc:
             if len(batch) > 1:  # find the one request that fails, caption the rest
-                for item in batch:
-                    yield from self._caption_batch([item], should_stop)
+                for sample in batch:
+                    yield from self._caption_batch([sample], should_stop)
                 return
             captions = [Caption.failed(f"{type(exc).__name__}: {exc}")]
         if should_stop():
             return  # generation was cut short: these captions are incomplete
-        yield from zip((item.key for item in batch), captions, strict=True)
+        yield from zip(batch, captions, strict=True)
 
-    def _generate(self, batch: list[ImageRequest], should_stop: Callable[[], bool]) -> list[Caption]:
+    def _generate(self, batch: list[tuple[ImageRequest, int]], should_stop: Callable[[], bool]) -> list[Caption]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -137,31 +175,43 @@ class TransformersEngine(Engine):
         spec = self.spec
         inputs = self.processor(
             text=[spec.prompt_text] * len(batch),
-            images=[item.image for item in batch],
-            size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+            images=[item.image for item, _ in batch],
+            **spec.processor_image_kwargs(),
             padding=True,
             return_tensors="pt",
         ).to(self.device)
         sampling = spec.sampling
         processors = LogitsProcessorList()
         if sampling.temperature > 0:
-            seeds = [request_seed(sampling.seed, item.key) for item in batch]
+            seeds = [request_seed(sampling.seed, item.key, index) for item, index in batch]
             processors.append(seeded_sampler(seeds, sampling.temperature, sampling.top_p))
+        stoppers: list[Any] = [StopRequested()]
+        loops = loop_stopper(spec.repetition, len(batch), self.eos_ids) if spec.repetition else None
+        if loops is not None:
+            stoppers.append(loops)
         with torch.inference_mode():
             generated = self.model.generate(
                 **inputs,
                 max_new_tokens=sampling.max_tokens,
                 do_sample=False,
                 logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([StopRequested()]),
+                stopping_criteria=StoppingCriteriaList(stoppers),
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
             )
         new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        return [self._caption_of(tokens, int(length)) for tokens, length in zip(new_tokens, prompt_lengths, strict=True)]
+        looped_at = loops.looped_at if loops is not None else [None] * len(batch)
+        return [
+            self._caption_of(tokens, int(length), looped)
+            for tokens, length, looped in zip(new_tokens, prompt_lengths, looped_at, strict=True)
+        ]
 
-    def _caption_of(self, tokens: list[int], prompt_tokens: int) -> Caption:
+    def _caption_of(self, tokens: list[int], prompt_tokens: int, looped_at: int | None = None) -> Caption:
+        """The caption in a row of `generate`'s output: up to its eos, or up to where it was stopped
+        for looping (what follows is padding), or all of it when max_tokens cut it off."""
+        if looped_at is not None:
+            tokens = tokens[:looped_at]
         stop_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens if stop_at is None else tokens[: stop_at + 1]
         text = self.processor.tokenizer.decode(
@@ -169,7 +219,7 @@ class TransformersEngine(Engine):
         )
         return Caption(
             text=text,
-            finish_reason=finish_reason_of(stop_at is not None),
+            finish_reason=finish_reason_of(stop_at is not None, looping=looped_at is not None),
             prompt_tokens=prompt_tokens,
             output_tokens=len(kept),
         )

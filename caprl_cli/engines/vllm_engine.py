@@ -4,6 +4,11 @@ Requests are added to vLLM's engine as prepared images arrive and results are ta
 rather than one `generate` call per image or per chunk (which would drain the batch at every chunk
 end). Each request carries its own seed, so a caption does not depend on what it was batched with.
 Prepared images reach the engine through a `Feeder`, so waiting for one never pauses the batch.
+
+With `num_captions` N > 1 each image is N requests, request i seeded from (seed, key, i) (vLLM's `n`
+shares one seed between its samples). With loop detection on, requests stream their new tokens every
+step (`RequestOutputKind.DELTA`) into a `RepetitionTracker`, and a request whose tail loops is aborted
+and kept as a caption with finish_reason `repetition`.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, combine_captions
 from caprl_cli.engines.feeding import Ended, Feeder
+from caprl_cli.engines.repetition import FINISH_REPETITION, RepetitionTracker
 from caprl_cli.engines.seeding import request_seed
 
 log = logging.getLogger("caprl")
@@ -24,6 +31,33 @@ log = logging.getLogger("caprl")
 _QUEUE_HEADROOM = 16
 # With no request running, how long to wait for input before looking at the stop flag again.
 _INPUT_WAIT_S = 0.1
+
+
+@dataclass
+class _Running:
+    """One request in the engine: which caption of which image, and (with loop detection) its text
+    and tokens so far."""
+
+    key: str
+    index: int
+    tracker: RepetitionTracker | None = None
+    text: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class _Image:
+    """The captions of one image, gathered until all `count` are done."""
+
+    def __init__(self, count: int) -> None:
+        self.captions: list[Caption | None] = [None] * count
+        self.request_ids: list[str] = []
+
+    def done(self, index: int, caption: Caption) -> Caption | None:
+        """Record caption `index`; the image's result once every caption is in."""
+        self.captions[index] = caption
+        if any(caption is None for caption in self.captions):
+            return None
+        return combine_captions([caption for caption in self.captions if caption is not None])
 
 
 def _prefer_in_process_engine_on_cpu() -> bool:
@@ -57,9 +91,7 @@ class VllmEngine(Engine):
             "max_model_len": spec.max_model_len,
             "gpu_memory_utilization": spec.gpu_memory_utilization,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
-            "mm_processor_kwargs": {
-                "size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
-            },
+            "mm_processor_kwargs": spec.processor_image_kwargs(),
             # Every image is new: caching processed images only costs memory and hashing.
             "mm_processor_cache_gb": 0,
             "disable_log_stats": True,
@@ -86,8 +118,9 @@ class VllmEngine(Engine):
 
         return f"vllm {vllm.__version__}"
 
-    def _sampling_params(self, key: str) -> Any:
+    def _sampling_params(self, key: str, index: int) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         sampling = self.spec.sampling
         return SamplingParams(
@@ -95,8 +128,31 @@ class VllmEngine(Engine):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             repetition_penalty=1.0,
-            seed=request_seed(sampling.seed, key),
+            seed=request_seed(sampling.seed, key, index),
+            # Loop detection needs each step's new tokens; without it only the finished caption.
+            output_kind=RequestOutputKind.DELTA if self.spec.repetition else RequestOutputKind.FINAL_ONLY,
         )
+
+    def _add_image(self, engine: Any, item: ImageRequest, pending: dict[str, _Running]) -> _Image:
+        """Add the requests of every caption of `item`; on a refusal, those already added are taken
+        back and the refusal propagates."""
+        count = self.spec.sampling.num_captions
+        image = _Image(count)
+        prompt = {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}}
+        rule = self.spec.repetition
+        try:
+            for index in range(count):
+                request_id = str(next(self._request_ids))
+                engine.add_request(request_id, prompt, self._sampling_params(item.key, index))
+                image.request_ids.append(request_id)
+                pending[request_id] = _Running(item.key, index, RepetitionTracker(rule) if rule else None)
+        except Exception:
+            if image.request_ids:
+                engine.abort_request(image.request_ids)
+                for request_id in image.request_ids:
+                    pending.pop(request_id, None)
+            raise
+        return image
 
     def caption(
         self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
@@ -105,7 +161,8 @@ class VllmEngine(Engine):
         # Requests come from a thread of their own, so a slow image (a large file, a slow URL) never
         # stops the engine from stepping the sequences it already runs.
         feeder: Feeder[ImageRequest] = Feeder(items, _QUEUE_HEADROOM, name="caprl-vllm-feeder")
-        pending: dict[str, ImageRequest] = {}
+        pending: dict[str, _Running] = {}
+        images: dict[str, _Image] = {}
         exhausted = False
         try:
             while True:
@@ -116,17 +173,10 @@ class VllmEngine(Engine):
                         exhausted = True
                     if not isinstance(item, ImageRequest):
                         break
-                    request_id = str(next(self._request_ids))
                     try:
-                        engine.add_request(
-                            request_id,
-                            {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}},
-                            self._sampling_params(item.key),
-                        )
+                        images[item.key] = self._add_image(engine, item, pending)
                     except Exception as exc:  # refused by vLLM's input processing: one error row
                         yield item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
-                        continue
-                    pending[request_id] = item
                 if should_stop():
                     return
                 if not pending:
@@ -134,8 +184,19 @@ class VllmEngine(Engine):
                         return
                     continue
                 for output in engine.step():
-                    if output.finished:
-                        yield pending.pop(output.request_id).key, _caption_of(output)
+                    running = pending.get(output.request_id)  # None: aborted after this step's output
+                    if running is None:
+                        continue
+                    caption = _progress_of(running, output)
+                    if caption is None:
+                        continue
+                    del pending[output.request_id]
+                    if not output.finished:  # stopped for looping: the engine must not go on with it
+                        engine.abort_request([output.request_id])
+                    result = images[running.key].done(running.index, caption)
+                    if result is not None:
+                        del images[running.key]
+                        yield running.key, result
         finally:
             if pending:  # stopped, or the caller stopped reading: nothing may linger in the engine
                 try:
@@ -153,15 +214,39 @@ class VllmEngine(Engine):
             self._llm = None
 
 
-def _caption_of(output: Any) -> Caption:
+def _progress_of(running: _Running, output: Any) -> Caption | None:
+    """The caption of a request once it is finished or loops; None while it goes on."""
+    if running.tracker is None:  # whole captions only
+        return _caption_of(output) if output.finished else None
     completion = output.outputs[0]
-    prompt_tokens = len(output.prompt_token_ids or [])
+    running.text.append(completion.text)
+    running.prompt_tokens = running.prompt_tokens or len(output.prompt_token_ids or [])
+    looping = running.tracker.extend(completion.token_ids)
+    if output.finished:
+        return _caption_of(output, "".join(running.text), len(running.tracker.tokens), running.prompt_tokens)
+    if not looping:
+        return None
+    return Caption(
+        text="".join(running.text),
+        finish_reason=FINISH_REPETITION,
+        prompt_tokens=running.prompt_tokens,
+        output_tokens=len(running.tracker.tokens),
+    )
+
+
+def _caption_of(
+    output: Any, text: str | None = None, output_tokens: int | None = None, prompt_tokens: int | None = None
+) -> Caption:
+    """A finished request's caption; `text` and the counts when the outputs came in pieces."""
+    completion = output.outputs[0]
+    if prompt_tokens is None:
+        prompt_tokens = len(output.prompt_token_ids or [])
     if completion.finish_reason not in ("stop", "length"):
         message = f"request ended with finish reason {completion.finish_reason!r}"
         return Caption.failed(message, prompt_tokens)
     return Caption(
-        text=completion.text,
+        text=completion.text if text is None else text,
         finish_reason=completion.finish_reason,
         prompt_tokens=prompt_tokens,
-        output_tokens=len(completion.token_ids),
+        output_tokens=len(completion.token_ids) if output_tokens is None else output_tokens,
     )

@@ -135,6 +135,8 @@ def decode_workers_per_engine(workers: int, engines: int, cores: int | None = No
 
 def engine_placements(settings: CaptionSettings, environ: Mapping[str, str] | None = None) -> list[EnginePlacement]:
     """The engines a run starts, from its settings and the GPUs this machine shows."""
+    if settings.engine == "openai":  # the server runs the model: one engine, in this process, no GPU
+        return [EnginePlacement(0, None)]
     environ = os.environ if environ is None else environ
     placements = plan_engines(
         visible_gpus(environ), settings.gpus, settings.tensor_parallel_size, settings.num_engines

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from caprl_cli.engines import load_engine
-from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, Sampling
-from caprl_cli.errors import EngineStartError, ErrorKind
+from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest, Sampling, ServerSpec
+from caprl_cli.errors import CaprlError, EngineStartError, ErrorKind
 from caprl_cli.execute.progress import Progress
 from caprl_cli.execute.stopping import Stopper
 from caprl_cli.faults import pause_point
@@ -22,7 +22,8 @@ from caprl_cli.inputs.sample import Sample
 from caprl_cli.model.profile import ModelProfile, load_processor, profile_from_processor
 from caprl_cli.model.source import ModelSource, resolve_model
 from caprl_cli.outputs.provenance import ModelFacts, RunCounts
-from caprl_cli.outputs.rows import SIGNATURE, Row, caption_row, error_kind_of, error_row
+from caprl_cli.engines.repetition import RepetitionRule
+from caprl_cli.outputs.rows import SIGNATURE, Row, all_output_tokens, caption_row, error_kind_of, error_row
 from caprl_cli.prepare.pool import Failed, Outcome, Prepared, Preprocessor
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.parts import PartWriter
@@ -59,10 +60,10 @@ class RowSink:
         kind = error_kind_of(row)
         if kind is None:
             self.counts.ok += 1
-            self.counts.output_tokens += row["output_tokens"] or 0
+            self.counts.output_tokens += all_output_tokens(row)
         else:
             self.counts.errors_by_kind[kind] += 1
-        self.progress.update(tokens=row["output_tokens"] or 0, error=kind is not None)
+        self.progress.update(tokens=all_output_tokens(row), error=kind is not None)
         self.parts.add(row)
         self.plan.row_done(row)
         if self.counts.images == 1:
@@ -92,7 +93,8 @@ def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = 
     shards that hold the images."""
     sample = item.sample
     if caption.error is not None:
-        return failed_row(Failed(sample, ErrorKind.ENGINE, caption.error, item.width, item.height), model)
+        kind = ErrorKind.UNAVAILABLE if caption.transient else ErrorKind.ENGINE
+        return failed_row(Failed(sample, kind, caption.error, item.width, item.height), model)
     row = caption_row(
         key=sample.key,
         source=sample.source,
@@ -104,6 +106,7 @@ def result_row(item: Prepared, caption: Caption, model: str, keep_image: bool = 
         width=item.width,
         height=item.height,
         meta=sample.meta,
+        more=[(more.text or "", more.finish_reason, more.output_tokens) for more in caption.extra],
     )
     row[SIGNATURE] = sample.signature
     if keep_image:
@@ -121,14 +124,33 @@ def engine_spec(settings: CaptionSettings, source: ModelSource, profile: ModelPr
             temperature=settings.temperature,
             top_p=settings.top_p,
             seed=settings.seed,
+            num_captions=settings.num_captions,
         ),
-        min_pixels=settings.min_pixels,
-        max_pixels=settings.max_pixels,
+        min_pixels=profile.grid.min_pixels,
+        max_pixels=profile.grid.max_pixels,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len or profile.context_length(settings.max_tokens),
         gpu_memory_utilization=settings.gpu_memory_utilization,
         batch_size=settings.batch_size,
         tensor_parallel_size=settings.tensor_parallel_size,
+        repetition=RepetitionRule(min_repeats=settings.max_repeats) if settings.max_repeats else None,
+        image_kwargs=profile.image_kwargs,
+        server=server_spec(settings),
+    )
+
+
+def server_spec(settings: CaptionSettings) -> ServerSpec | None:
+    """The server an HTTP engine captions through; None for the engines that load the model here."""
+    if settings.engine != "openai" or settings.base_url is None:
+        return None
+    return ServerSpec(
+        base_url=settings.base_url,
+        model=settings.model,
+        api_key_env=settings.api_key_env,
+        concurrency=settings.concurrency,
+        retries=settings.retries,
+        prompt=settings.prompt,
+        system_prompt=settings.system_prompt,
     )
 
 
@@ -136,6 +158,8 @@ def start_engine(settings: CaptionSettings, spec: EngineSpec) -> Engine:
     """Load the engine, turning any failure into one clear `EngineStartError`."""
     try:
         return load_engine(settings.engine, spec)
+    except CaprlError:  # already one clear line (the openai engine's server checks)
+        raise
     except ImportError as exc:
         hint = ' (install it with: pip install "caprl-cli[vllm]")' if settings.engine == "vllm" else ""
         raise EngineStartError(f"cannot import the {settings.engine} engine: {exc}{hint}") from exc
@@ -160,12 +184,18 @@ def image_requests(images: Iterable[Prepared], waiting: dict[str, Prepared]) -> 
     """The engine's requests for `images`; each stays in `waiting` by key until its caption returns."""
     for item in images:
         waiting[item.sample.key] = item
-        yield ImageRequest(item.sample.key, item.image)
+        yield ImageRequest(item.sample.key, item.image, lossy_source=is_jpeg_name(item.sample.ext))
+
+
+def is_jpeg_name(ext: str | None) -> bool:
+    """Whether an image's extension says JPEG (the one lossy format an image is re-encoded as)."""
+    return (ext or "").lower().lstrip(".") in ("jpg", "jpeg", "jpe", "jfif")
 
 
 def load_model(settings: CaptionSettings) -> tuple[ModelSource, ModelProfile]:
     """Find the model and read its grid and prompt; no engine yet."""
-    source = resolve_model(settings.model, settings.revision)
+    # An HTTP engine's server holds the weights: only the processor's files are needed here.
+    source = resolve_model(settings.model, settings.revision, weights=settings.engine != "openai")
     profile = profile_from_processor(
         load_processor(source.path), settings.prompt, settings.system_prompt, settings.min_pixels, settings.max_pixels
     )
@@ -205,7 +235,13 @@ def caption_plan(
             if stopper.reason is None:
                 raise
             return RunOutcome(sink.counts, 0.0, facts)  # a signal during loading took the engine down
-        facts = ModelFacts(engine.version, source.revision, profile.prompt_text, profile.grid.factor)
+        facts = ModelFacts(
+            engine.version,
+            source.revision,
+            profile.prompt_text,
+            profile.grid.factor,
+            prompt_sent=getattr(engine, "prompt_sent", None),
+        )
         pause_point("model.loaded")
         if stopper.should_stop():
             return RunOutcome(sink.counts, 0.0, facts)

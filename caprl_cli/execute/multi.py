@@ -46,7 +46,7 @@ from caprl_cli.execute.stopping import Stopper
 from caprl_cli.execute.worker import WorkerConfig, end_engine_process, worker_main
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.provenance import ModelFacts
-from caprl_cli.outputs.rows import Row, error_kind_of
+from caprl_cli.outputs.rows import Row, all_output_tokens, error_kind_of
 from caprl_cli.prepare.pool import Failed
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.parts import PartWriter
@@ -410,7 +410,7 @@ class MultiEngineRun:
         stats.last_row_at = time.monotonic()
         if error_kind_of(row) is None:
             stats.ok += 1
-            stats.output_tokens += row.get("output_tokens") or 0
+            stats.output_tokens += all_output_tokens(row)
         else:
             stats.errors += 1
 

@@ -273,6 +273,9 @@ def appetite(engine: Any, preprocessor: Any) -> int:
 def run_worker(config: WorkerConfig, conn: Connection) -> None:
     """The worker process: load the engine, then caption units until told to end or stop."""
     become_engine_process(config.index, config.parent_pid)
+    from caprl_cli.verbosity import apply_in_child
+
+    apply_in_child()  # -q/-v/-vv as the parent was given, before torch or vLLM is imported here
     from caprl_cli.execute.local import image_requests, images_only, result_row, start_engine
 
     link = ParentLink(conn)

@@ -28,6 +28,20 @@ def looks_like_path(model: str) -> bool:
     return model.count("/") != 1
 
 
+def canonical_model(model: str) -> str:
+    """The hub id a catalog short name stands for (`caprl-qwen3vl-4b`, any case), else `model` as given.
+
+    An existing folder of that name wins, so a local checkout called `caprl-3b` is still a folder.
+    Resolving this early puts the hub id, not the nickname, into rows, provenance and the run state.
+    """
+    from caprl_cli.model.catalog import find
+
+    if Path(model).expanduser().exists():
+        return model
+    entry = find(model)
+    return entry.hub_id if entry is not None and "/" not in model else model
+
+
 def local_model_folder(model: str) -> Path | None:
     """The folder `model` names, None for a hub id; a folder that cannot be a model is a UsageError.
 
@@ -43,19 +57,26 @@ def local_model_folder(model: str) -> Path | None:
     return None
 
 
-def resolve_model(model: str, revision: str | None = None) -> ModelSource:
-    """Locate `model` as a folder holding config.json, or as a hub snapshot (downloading if allowed)."""
+# Weight files, left out of a hub download when another machine runs the model (--engine openai).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.onnx")
+
+
+def resolve_model(model: str, revision: str | None = None, weights: bool = True) -> ModelSource:
+    """Locate `model` as a folder holding config.json, or as a hub snapshot (downloading if allowed).
+    Without `weights`, a hub snapshot holds only the config, tokenizer and processor files."""
+    model = canonical_model(model)
     folder = local_model_folder(model)
     if folder is not None:
         return ModelSource(model_id=model, path=str(folder.resolve()), revision=revision)
-    return _resolve_hub(model, revision)
+    return _resolve_hub(model, revision, weights)
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
+def _resolve_hub(repo_id: str, revision: str | None, weights: bool = True) -> ModelSource:
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(repo_id, revision=revision)
+        ignore = None if weights else list(WEIGHT_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, ignore_patterns=ignore)
     except Exception as exc:  # offline and not cached, unknown repo, no access...
         reason = " ".join(str(exc).split())[:300]
         raise ModelUnavailable(f"cannot get model {repo_id}: {reason}") from None

@@ -1,6 +1,7 @@
 """Where captions end up: one module per format, each an `OutputTarget` built from the committed parts.
 
-`table` (Parquet, JSONL), `webdataset` (tar shards), `sidecar` (.txt beside each image); `atomic` holds
+`table` (Parquet, JSONL), `parquet_dataset` (a folder of Parquet files that grows by adding files),
+`webdataset` (tar shards), `sidecar` (.txt beside each image); `atomic` holds
 the one way every file is written, `rows` the data contract, `provenance` what produced it.
 """
 
@@ -17,8 +18,10 @@ if TYPE_CHECKING:  # the state imports `rows` and `atomic` from here; targets im
 
 def open_target(location: str | None, inputs: list[str], options: OutputOptions) -> OutputTarget:
     """The target for `-o` and `--format`."""
+    from caprl_cli.outputs.parquet_dataset import DatasetTarget
     from caprl_cli.outputs.sidecar import SidecarTarget
     from caprl_cli.outputs.table import FileTarget
+    from caprl_cli.settings import is_dataset_folder
     from caprl_cli.outputs.webdataset import ShardTarget
 
     if options.output_format == "sidecar":
@@ -29,6 +32,8 @@ def open_target(location: str | None, inputs: list[str], options: OutputOptions)
     require_backend(location)
     if options.output_format == "webdataset":
         return ShardTarget(location, options)
+    if is_dataset_folder(location, options.output_format):
+        return DatasetTarget(location, options)
     return FileTarget(location, options)
 
 

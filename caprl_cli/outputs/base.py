@@ -26,6 +26,7 @@ from caprl_cli.storage import StorageOptions, local_path_of, redact, remove_stal
 log = logging.getLogger("caprl")
 
 DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_ROWS_PER_FILE = 250_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class OutputOptions:
     state_dir: Path | None = None
     storage_options: StorageOptions | None = None
     replace_sidecars: bool = False  # sidecar: replace existing .txt files that differ
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE  # Parquet dataset folder: rows per data file at most
+    share: tuple[int, int] | None = None  # --shard-index, --num-shards: a dataset folder names files by share
+    num_captions: int = 1  # > 1: rows carry the list columns (rows.output_schema)
 
 
 def cache_state_dir(location: str) -> Path:

@@ -9,14 +9,35 @@ are ever replaced.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from caprl_cli.errors import UsageError
 from caprl_cli.outputs.atomic import name_fits
+
+# Inside `without_probes()` (a dry run), writability is judged by permissions alone: no probe file is created.
+_NO_PROBES: contextvars.ContextVar[bool] = contextvars.ContextVar("caprl_no_probes", default=False)
+
+
+@contextmanager
+def without_probes() -> Iterator[None]:
+    """Run the place checks without creating anything, not even a probe file: a dry run writes nothing,
+    so it asks the permission bits (a read-only mount still shows, as it fails `os.access`)."""
+    token = _NO_PROBES.set(True)
+    try:
+        yield
+    finally:
+        _NO_PROBES.reset(token)
+
+
+def probes_allowed() -> bool:
+    """Whether checks may create (and remove) probe files and folders: not inside `without_probes()`."""
+    return not _NO_PROBES.get()
 
 
 def check_names_fit(folder: Path, names: Iterable[str], what: str) -> None:
@@ -71,6 +92,10 @@ def check_folder(path: Path, what: str) -> None:
         found = kind_of(existing)
         if found not in (None, "a directory"):
             raise UsageError(f"cannot create {what} {path}: {existing} is {found}, not a folder")
+    if _NO_PROBES.get():
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write {what} {path}: permission denied in {existing}")
+        return
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".caprl-probe-"):
             pass

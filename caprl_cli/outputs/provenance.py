@@ -54,6 +54,9 @@ class ModelFacts:
     model_revision: str | None = None
     prompt_text: str | None = None
     grid_factor: int | None = None
+    # --engine openai: how the prompt reached the model (the endpoint, and whether the server's own
+    # chat template or caprl's rendered it); None for engines fed `prompt_text` in this process.
+    prompt_sent: dict[str, Any] | None = None
 
 
 def totals_of(ok: int, errors_by_kind: dict[str, int]) -> dict[str, Any]:
@@ -84,12 +87,16 @@ def build_provenance(
         "prompt": settings.prompt,
         "system_prompt": settings.system_prompt,
         "prompt_text": facts.prompt_text,
+        "prompt_sent": facts.prompt_sent,
+        "base_url": redact(settings.base_url) if settings.base_url is not None else None,
         "sampling": {
             "temperature": settings.temperature,
             "top_p": settings.top_p,
             "max_tokens": settings.max_tokens,
             "repetition_penalty": 1.0,
             "seed": settings.seed,
+            "num_captions": settings.num_captions,
+            "max_repeats": settings.max_repeats,  # loop detection (engines/repetition.py); 0: off
         },
         "pixels": {
             "min_pixels": settings.min_pixels,
@@ -99,6 +106,11 @@ def build_provenance(
         },
         "output": redact(settings.output_location) if settings.output_location is not None else None,
         "format": settings.output_format,
+        "revision": settings.revision,
+        # --num-shards/--shard-index: this output holds one share of the work; None: all of it
+        "share": (
+            {"index": settings.shard_index, "count": settings.num_shards} if settings.num_shards is not None else None
+        ),
         "counts": totals,
         "run": {
             "started_at": started_at,

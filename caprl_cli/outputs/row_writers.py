@@ -68,7 +68,7 @@ class ParquetRowWriter:
 
     def write(self, rows: list[Row]) -> None:
         if rows:
-            self.write_table(rows_to_table(rows))
+            self.write_table(rows_to_table(rows, self.schema))
 
     def write_table(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -95,21 +95,23 @@ class ParquetRowWriter:
 
 
 class JsonlRowWriter:
-    """One JSON object per line with the contract's columns, in contract order."""
+    """One JSON object per line with the contract's columns (or `schema`'s), in contract order."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: pa.Schema = SCHEMA) -> None:
         self.path = path
         self.temp = temp_path_for(path)
+        self.columns: tuple[str, ...] = tuple(schema.names) if schema is not None else COLUMNS
         self._handle = open(self.temp, "w", encoding="utf-8")
 
     def write(self, rows: list[Row]) -> None:
         for row in rows:
-            self._handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
+            self._handle.write(json.dumps({name: row.get(name) for name in self.columns}, ensure_ascii=False))
             self._handle.write("\n")
         self._handle.flush()
 
     def write_table(self, table: pa.Table) -> None:
-        for batch in table.select(list(COLUMNS)).to_batches(max_chunksize=4096):
+        present = set(table.column_names)  # a column an older part lacks is null
+        for batch in table.select([name for name in self.columns if name in present]).to_batches(max_chunksize=4096):
             self.write(batch.to_pylist())
 
     def commit(self, provenance: dict[str, Any]) -> None:
@@ -127,6 +129,6 @@ WRITERS: dict[str, type[ParquetRowWriter] | type[JsonlRowWriter]] = {
 }
 
 
-def open_writer(output_format: str, path: Path) -> RowWriter:
-    """The writer for `output_format`."""
-    return WRITERS[output_format](path)
+def open_writer(output_format: str, path: Path, schema: pa.Schema = SCHEMA) -> RowWriter:
+    """The writer for `output_format`, writing `schema`'s columns (`rows.output_schema`)."""
+    return WRITERS[output_format](path, schema=schema)

@@ -32,10 +32,35 @@ SCHEMA = pa.schema(
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
+# With `--num-captions N` > 1, every row also holds all N captions of its image, in index order, with
+# their finish reasons and output token counts; `caption`, `finish_reason` and `output_tokens` stay the
+# first caption's. Outputs of runs with one caption per image do not have these columns, and a part
+# written before they existed reads them as null.
+CAPTIONS = "captions"
+MULTI_CAPTION_FIELDS = (
+    pa.field(CAPTIONS, pa.list_(pa.string())),
+    pa.field("finish_reasons", pa.list_(pa.string())),
+    pa.field("output_token_counts", pa.list_(pa.int32())),
+)
+MULTI_CAPTION_SCHEMA = pa.schema([*SCHEMA, *MULTI_CAPTION_FIELDS])
+
+
+def output_schema(num_captions: int) -> pa.Schema:
+    """The columns an output holds: the contract's, plus the list columns when N > 1."""
+    return MULTI_CAPTION_SCHEMA if num_captions > 1 else SCHEMA
+
+
+def output_columns(num_captions: int) -> tuple[str, ...]:
+    """`output_schema`'s column names, in order."""
+    return tuple(output_schema(num_captions).names)
+
+
 # State parts (never published outputs) also remember each row's image signature, so a later run can
 # tell the same image reached another way from a different image under the same key.
 SIGNATURE = "signature"
-PART_SCHEMA = SCHEMA.append(pa.field(SIGNATURE, pa.string()))
+# Parts always have the list columns (null with one caption per image), so that a part's columns do not
+# depend on the run that wrote it.
+PART_SCHEMA = pa.schema([*SCHEMA, pa.field(SIGNATURE, pa.string()), *MULTI_CAPTION_FIELDS])
 # Parts of a run that publishes WebDataset shards with images also carry each image's original bytes
 # until the shards are written; the compacted part records which shard holds each row.
 IMAGE_COLUMNS = (pa.field("image", pa.binary()), pa.field("image_ext", pa.string()))
@@ -57,8 +82,10 @@ def caption_row(
     width: int | None,
     height: int | None,
     meta: str | None = None,
+    more: list[tuple[str, str | None, int | None]] | None = None,
 ) -> Row:
-    """A captioned image."""
+    """A captioned image; with several captions, `more` holds (caption, finish_reason, output_tokens)
+    of the second and later ones, and the row gets the list columns of all of them."""
     return {
         "key": key,
         "source": source,
@@ -72,7 +99,28 @@ def caption_row(
         "height": height,
         "model": model,
         "meta": meta,
+    } | _caption_columns(caption, finish_reason, output_tokens, more)
+
+
+def _caption_columns(
+    caption: str, finish_reason: str | None, output_tokens: int | None, more: list[tuple[str, str | None, int | None]] | None
+) -> Row:
+    if not more:
+        return {}
+    every = [(caption, finish_reason, output_tokens), *more]
+    return {
+        CAPTIONS: [text for text, _, _ in every],
+        "finish_reasons": [reason for _, reason, _ in every],
+        "output_token_counts": [tokens for _, _, tokens in every],
     }
+
+
+def all_output_tokens(row: Row) -> int:
+    """Tokens generated for the row, over all its captions."""
+    counts = row.get("output_token_counts")
+    if counts:
+        return sum(count or 0 for count in counts)
+    return row.get("output_tokens") or 0
 
 
 def error_row(

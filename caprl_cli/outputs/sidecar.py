@@ -15,10 +15,15 @@ the `%XX` text form) gets its `.txt` under its real bytes, and a temporary name 
 filesystem is replaced by a short hashed one. Only a `.txt` name that itself cannot exist (over 255
 bytes: `<252+ byte image name>.txt` when stems collide) is not written; the run counts those in a
 warning and their captions stay in the state.
+
+With `--num-captions N` > 1 the `.txt` holds the first caption and `<same name>.captions.json` beside it
+(`cat.captions.json`, or `cat.jpg.captions.json` when stems collide) holds all N as a JSON list of
+strings, written and kept or replaced by the same rules.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -57,6 +62,13 @@ def sidecar_path(image_path: str | Path, shared_stems: Collection[str] = ()) -> 
     return path.with_name(f"{path.name if path.stem in shared_stems else path.stem}.txt")
 
 
+def captions_path(image_path: str | Path, shared_stems: Collection[str] = ()) -> Path:
+    """Where all captions of an image go with several per image: the sidecar's name with
+    `.captions.json` for `.txt` (`cat.jpg` -> `cat.captions.json`)."""
+    sidecar = sidecar_path(image_path, shared_stems)
+    return sidecar.with_name(sidecar.name[: -len(".txt")] + ".captions.json")
+
+
 def local_image(source: str) -> Path | None:
     """The local image file a row's `source` names, or None (a URL, a manifest's image, gone).
 
@@ -84,10 +96,21 @@ def write_sidecar(
 ) -> SidecarResult:
     """Write `caption` (UTF-8, as is) to the image's sidecar, unless a different one is there already
     (and not `replace`). Only a regular file or a symlink (the link itself) is ever replaced."""
-    target = sidecar_path(image_path, shared_stems)
+    return write_file(sidecar_path(image_path, shared_stems), caption.encode("utf-8"), replace)
+
+
+def write_captions_file(
+    image_path: str | Path, captions: list[str], replace: bool, shared_stems: Collection[str] = ()
+) -> SidecarResult:
+    """Write every caption of the image as a JSON list to `captions_path`, as `write_sidecar` does."""
+    data = json.dumps(captions, ensure_ascii=False).encode("utf-8")
+    return write_file(captions_path(image_path, shared_stems), data, replace)
+
+
+def write_file(target: Path, data: bytes, replace: bool) -> SidecarResult:
+    """`data` into `target` unless a different file is there already (and not `replace`)."""
     if not name_fits(target.name):  # `<252-byte name>.txt` when stems collide
         return SidecarResult.NAME_TOO_LONG
-    data = caption.encode("utf-8")
     if target.is_symlink():
         if not replace:
             return SidecarResult.KEPT_EXISTING
@@ -147,7 +170,9 @@ class SidecarTarget(OutputTarget):
         results: Counter[str] = Counter()
         stems: dict[Path, set[str]] = {}
         collided: dict[Path, set[str]] = {}
-        for table in index.latest_tables(["source", "caption", "status"], skip=already):
+        several = self.options.num_captions > 1
+        columns = ["source", "caption", "status", *(["captions"] if several else [])]
+        for table in index.latest_tables(columns, skip=already):
             for row in table.filter(pc.equal(table["status"], STATUS_OK)).to_pylist():
                 image = local_image(row["source"])
                 if image is None:
@@ -157,6 +182,8 @@ class SidecarTarget(OutputTarget):
                 if image.stem in shared:
                     collided.setdefault(image.parent, set()).add(image.stem)
                 results[write_sidecar(image, row["caption"] or "", self.options.replace_sidecars, shared).value] += 1
+                if several and row.get("captions") is not None:
+                    write_captions_file(image, row["captions"], self.options.replace_sidecars, shared)
                 crash_point("sidecar.txt")
         if results["not_local"]:
             log.warning("wrote no .txt for %d images that are not local files", results["not_local"])

@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputTarget, cache_state_dir
 from caprl_cli.outputs.place import check_folder, check_names_fit, check_replaceable_file
 from caprl_cli.outputs.provenance import summary_path_for
 from caprl_cli.outputs.row_writers import ParquetRowWriter, open_writer
-from caprl_cli.outputs.rows import PART_SCHEMA
+from caprl_cli.outputs.rows import PART_SCHEMA, SCHEMA, output_schema
 from caprl_cli.state.folder import RunState, state_dir_for
 from caprl_cli.state.index import CommittedIndex
 from caprl_cli.state.parts import new_run_id
@@ -34,13 +36,14 @@ def merge_output(
     provenance: dict[str, Any],
     path: Path | None = None,
     record: bool = True,
+    schema: pa.Schema = SCHEMA,
 ) -> list[Path]:
     """Write the output file (`path`, default the state's output) from `index`'s parts; return the parts
     it was built from, and record them unless `record` is False (a file still to be uploaded is not
     published yet: its caller records the merge once the upload completed)."""
     path = path or state.output
     assert path is not None, "a merge needs an output file"
-    writer = open_writer(output_format, path)
+    writer = open_writer(output_format, path, schema)
     compacted_path = compacted_part_path(state) if len(index.parts) > COMPACT_ABOVE_PARTS else None
     compacted = ParquetRowWriter(compacted_path, schema=PART_SCHEMA) if compacted_path else None
     try:
@@ -80,6 +83,11 @@ def compacted_part_path(state: RunState) -> Path:
 class FileTarget(OutputTarget):
     """A single Parquet or JSONL file, rebuilt from the parts whenever they changed."""
 
+    @property
+    def schema(self) -> pa.Schema:
+        """The output's columns: the list columns too with several captions per image."""
+        return output_schema(self.options.num_captions)
+
     def default_state_dir(self) -> Path:
         path = local_path_of(self.location)
         return state_dir_for(path) if path is not None else cache_state_dir(self.location)
@@ -113,10 +121,12 @@ class FileTarget(OutputTarget):
     def publish(self, state: RunState, index: CommittedIndex, provenance: dict[str, Any]) -> None:
         local = self.local_file
         if local is not None:
-            merge_output(state, index, self.options.output_format, provenance, local)
+            merge_output(state, index, self.options.output_format, provenance, local, schema=self.schema)
             return
         staged = state.dir / f"upload-{Path(self.location.rstrip('/')).name}"
-        built_from = merge_output(state, index, self.options.output_format, provenance, staged, record=False)
+        built_from = merge_output(
+            state, index, self.options.output_format, provenance, staged, record=False, schema=self.schema
+        )
         try:
             upload(staged, self.location, self.storage_options)
             crash_point("upload.done")

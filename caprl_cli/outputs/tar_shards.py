@@ -162,9 +162,10 @@ def _member(name: str, data: bytes, mtime: int) -> tuple[tarfile.TarInfo, io.Byt
     return info, io.BytesIO(data)
 
 
-def row_json(row: Row) -> dict[str, Any]:
-    """The row as a JSON object in contract order, `meta` parsed (text that is not JSON stays text)."""
-    document = {name: row.get(name) for name in COLUMNS}
+def row_json(row: Row, columns: tuple[str, ...] = COLUMNS) -> dict[str, Any]:
+    """The row as a JSON object in contract order (`columns`: with several captions per image, the list
+    columns too), `meta` parsed (text that is not JSON stays text)."""
+    document = {name: row.get(name) for name in columns}
     if isinstance(document["meta"], str):
         try:
             document["meta"] = json.loads(document["meta"])
@@ -185,12 +186,13 @@ class ShardSetWriter:
 
     def __init__(
         self, directory: str, pattern: str, *, first_number: int, shard_size: int, with_images: bool,
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, columns: tuple[str, ...] = COLUMNS,
     ) -> None:
         if shard_size < 1:
             raise UsageError(f"shard size must be at least 1, got {shard_size}")
         self.pattern = validate_pattern(pattern)
         self.shard_size, self.with_images = shard_size, with_images
+        self.columns = columns
         self.mtime = int(time.time())
         self._place = _Place.of(directory, storage_options)
         self._place.makedirs()
@@ -203,7 +205,7 @@ class ShardSetWriter:
     def add(self, row: Row, image: bytes | None, image_ext: str | None) -> None:
         """Append one row (and, for a captioned row with `with_images`, its original image bytes)."""
         key = member_key(row["key"])
-        members = [(f"{key}.json", json.dumps(row_json(row), ensure_ascii=False).encode("utf-8"))]
+        members = [(f"{key}.json", json.dumps(row_json(row, self.columns), ensure_ascii=False).encode("utf-8"))]
         if row.get("status") == STATUS_OK:
             members.append((f"{key}.txt", (row.get("caption") or "").encode("utf-8")))
             if self.with_images and image is not None:
@@ -317,3 +319,35 @@ def shard_documents(directory: str, name: str, storage_options: dict | None = No
                 handle = tar.extractfile(info)
                 assert handle is not None
                 yield json.loads(handle.read().decode("utf-8"))
+
+
+def shard_rows(
+    directory: str, name: str, storage_options: dict | None = None
+) -> Iterator[tuple[dict[str, Any], bytes | None, str | None]]:
+    """Every sample of finished shard `name`, in shard order, as (its `.json` row, its image bytes or
+    None, the image's extension or None): what `caprl gallery` shows, read front to back with one
+    sample's bytes in memory at a time. Members outside the layout `ShardSetWriter` writes are skipped."""
+    place = _Place.of(directory, storage_options)
+    key: str | None = None
+    document: dict[str, Any] | None = None
+    image: tuple[bytes, str] | None = None
+    with place.open(name) as source, tarfile.open(fileobj=source, mode="r|") as tar:
+        for info in tar:
+            split = split_member_name(info.name)
+            if not info.isreg() or split is None:
+                continue
+            if split[0] != key:
+                if document is not None:
+                    yield document, *(image or (None, None))
+                key, document, image = split[0], None, None
+            if split[1] == "json":
+                handle = tar.extractfile(info)
+                assert handle is not None
+                document = json.loads(handle.read().decode("utf-8"))
+            elif split[1] not in _RESERVED_EXTS and image is None:
+                handle = tar.extractfile(info)
+                assert handle is not None
+                image = (handle.read(), split[1])
+            tar.members = []  # stream mode would otherwise keep every header of the shard
+    if document is not None:
+        yield document, *(image or (None, None))

@@ -1,7 +1,8 @@
 """WebDataset output: the committed rows published into numbered tar shards, incrementally.
 
 Which shard holds each row is kept in the state (column `wds_shard` of the compacted part); the tar
-files themselves are written by `tar_shards`.
+files themselves are written by `tar_shards`. With `--num-captions N` > 1 a sample's `.txt` holds its
+first caption and its `.json` row also holds all N (`captions`, `finish_reasons`, `output_token_counts`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputOptions, OutputTarget, cache_state_dir
 from caprl_cli.outputs.place import check_folder, check_names_fit
 from caprl_cli.outputs.row_writers import ParquetRowWriter
-from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, PART_SCHEMA, SCHEMA, STATUS_OK
+from caprl_cli.outputs.rows import EXPORTED_SHARD, IMAGE_COLUMNS, PART_SCHEMA, STATUS_OK, output_columns
 from caprl_cli.outputs.table import compacted_part_path
 from caprl_cli.outputs.tar_shards import (
     DEFAULT_SHARD_PATTERN,
@@ -120,6 +121,7 @@ class ShardTarget(OutputTarget):
             shard_size=self.options.shard_size,
             with_images=self.options.with_images,
             storage_options=self.storage_options,
+            columns=output_columns(self.options.num_captions),
         )
         compacted = ParquetRowWriter(compacted_part_path(state), schema=COMPACTED_SCHEMA)
         stale_keys = withdrawn_by_shard(exported, index)
@@ -132,7 +134,8 @@ class ShardTarget(OutputTarget):
                     has_exported = EXPORTED_SHARD in table.column_names
                     numbers = table[EXPORTED_SHARD].to_pylist() if has_exported else [None] * table.num_rows
                     has_images = "image" in table.column_names
-                    for i, row in enumerate(table.select(list(SCHEMA.names)).to_pylist()):
+                    columns = [name for name in writer.columns if name in table.column_names]
+                    for i, row in enumerate(table.select(columns).to_pylist()):
                         if numbers[i] is not None:
                             continue
                         old = exported.get(row["key"])

@@ -9,6 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from caprl_cli.settings import CaptionSettings
+from caprl_cli.state.shares import Share
+
+# The node share (`--num-shards/--shard-index`), recorded only when a run takes one: a share's output
+# holds only its share, so another share (or the whole work) must not continue it. A whole run records
+# nothing, so fingerprints of states written before shares existed stay equal.
+SHARE = "share"
 
 # Settings that change what a caption says (or whether an image is refused).
 FINGERPRINT_FIELDS = (
@@ -27,18 +33,29 @@ FINGERPRINT_FIELDS = (
     # Settings that change what the output holds: its format, and whether shards carry the images.
     "output_format",
     "images",
+    # When a looping caption is stopped (`--max-repeats`).
+    "max_repeats",
 )
 # Settings older state folders did not record: their absence is no change (the value they were made
 # with is the one a run on such a state would have had anyway: shards of one kind, in the one format
 # the output's name allowed); a run records them.
-ADDED_LATER = frozenset({"output_format", "images"})
+ADDED_LATER = frozenset({"output_format", "images", "max_repeats"})
+# Captions per image, recorded only when more than one (as the share): one caption per image is what
+# every state written before the option existed holds, so their fingerprints stay equal.
+NUM_CAPTIONS = "num_captions"
 # Settings whose option is not `--` + the field name.
-_OPTION_OF = {"output_format": "--format", "images": "--images/--no-images"}
+_OPTION_OF = {"output_format": "--format", "images": "--images/--no-images", SHARE: "--num-shards/--shard-index"}
 
 
 def fingerprint_of(settings: CaptionSettings) -> dict[str, Any]:
     """The output-deciding settings of a run, as stored in fingerprint.json."""
-    return {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
+    found: dict[str, Any] = {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
+    share = Share.of(settings)
+    if share is not None:
+        found[SHARE] = share.record()
+    if settings.num_captions != 1:
+        found[NUM_CAPTIONS] = settings.num_captions
+    return found
 
 
 def fingerprint_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
 from caprl_cli.outputs.rows import SIGNATURE, STATUS_OK, Row, error_kind_of
 from caprl_cli.state.identity import Verdict, conflict_sample, judge, judge_all
 from caprl_cli.state.index import CommittedIndex, CommittedOrigin
+from caprl_cli.state.shares import Share
 from caprl_cli.inputs.shards import read_shard
 from caprl_cli.inputs.resolve import InputOptions, InputSet, ShardRef
 from caprl_cli.storage import is_url, open_input, redact
@@ -118,6 +119,7 @@ class Plan:
     # (key, source) of placeholder rows that streams read to their end this run made obsolete
     withdrawn: list[tuple[str, str]] = field(default_factory=list)
     _placeholders: dict[str, list[str]] | None = None  # stream -> its committed `<stream>@<n>` rows
+    share: Share | None = None  # --num-shards/--shard-index: manifest entries outside it are passed over
 
     def __post_init__(self) -> None:
         listed = self.listed
@@ -165,8 +167,11 @@ class Plan:
                 options=self.options.storage_options,
                 retries=self.retries,
             )
-            origin = redact(manifest)
-            yield from self._pending_of(origin, self._watched(origin, manifest_name(manifest), samples))
+            origin, name = redact(manifest), manifest_name(manifest)
+            watched = self._watched(origin, name, samples)
+            if self.share is not None:
+                watched = self.share.stream_entries(name, watched)
+            yield from self._pending_of(origin, watched)
 
     def _read_shard(self, shard: ShardRef) -> Iterator[Sample]:
         """The shard's samples; one that cannot be opened is one error row keyed `<shard>@0`: SHARD
@@ -306,9 +311,13 @@ def plan_run(
     finished_shards: dict[str, dict] | None = None,
     options: InputOptions | None = None,
     retries: int = DEFAULT_RETRIES,
+    share: Share | None = None,
 ) -> Plan:
     """The plan of a run over `inputs` against what `index` holds; remote shards and manifests that
-    fail to open transiently are tried `retries` more times."""
+    fail to open transiently are tried `retries` more times. With a `share`, only its listed images,
+    shards and manifest entries are planned: the others are never opened."""
+    if share is not None:
+        inputs = share.of_inputs(inputs)
     return Plan(
         listed=plan_listed(inputs.listed, index, retry_errors),
         index=index,
@@ -319,6 +328,7 @@ def plan_run(
         retry_errors=retry_errors,
         limit=limit,
         retries=retries,
+        share=share,
     )
 
 

@@ -33,12 +33,13 @@ import pyarrow.parquet as pq
 from caprl_cli.errors import StateError, UsageError
 from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions, OutputTarget
+from caprl_cli.outputs.locate import as_dataset_folder, check_recorded_share, located_format, missing_state_hint
+from caprl_cli.outputs.parquet_dataset import DATASET_FILE, FILES_KEY, PUBLISHED_SCHEMA, DatasetTarget
 from caprl_cli.outputs.row_writers import ParquetRowWriter
 from caprl_cli.outputs.rows import EXPORTED_SHARD, PART_SCHEMA
 from caprl_cli.outputs.table import FileTarget
 from caprl_cli.outputs.tar_shards import shard_documents, shard_name
 from caprl_cli.outputs.webdataset import COMPACTED_SCHEMA, ShardTarget
-from caprl_cli.settings import output_format_for
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.parts import new_run_id
 from caprl_cli.state.sequence import REBUILT_SEQUENCE, part_name
@@ -49,20 +50,31 @@ BATCH_ROWS = 4096
 
 
 def repair_state(
-    output: str, output_format: str | None, state_dir: Path | None, storage_options: StorageOptions | None = None
+    output: str,
+    output_format: str | None,
+    state_dir: Path | None,
+    storage_options: StorageOptions | None = None,
+    share: tuple[int, int] | None = None,
 ) -> str:
-    """Repair the state of `output` (see the module docstring); one line saying what was done."""
-    found_format = output_format_for(output, output_format)
+    """Repair the state of `output` (see the module docstring); one line saying what was done. A folder
+    holding a Parquet dataset is one without --format; `share` (index, count) names a node share's state
+    inside it."""
+    found_format = located_format(output, output_format, storage_options)
+    output = as_dataset_folder(output, found_format, storage_options)
     if found_format == "sidecar":
         raise UsageError(
             "a sidecar output cannot be rebuilt (its .txt files hold no status, errors or sources): "
             "restore the unreadable part, or pass --overwrite to caption again from scratch"
         )
-    options = OutputOptions(output_format=found_format, state_dir=state_dir, storage_options=storage_options)
+    options = OutputOptions(
+        output_format=found_format, state_dir=state_dir, storage_options=storage_options, share=share
+    )
     target = open_target(output, [output], options)
     state = RunState(target.local_file, state_dir=target.state_dir, label=target.label)
     if not state.exists():
-        raise UsageError(f"no caprl run has written {target.label} (no state folder {state.dir})")
+        hint = missing_state_hint(output, share) if state_dir is None else ""
+        raise UsageError(f"no caprl run has written {target.label} (no state folder {state.dir}){hint}")
+    check_recorded_share(state.stored_fingerprint(), share, target.label)
     state.acquire(wait=False)
     try:
         return repair(state, target)
@@ -115,6 +127,9 @@ def free_name(folder: Path, name: str) -> Path:
 def write_rebuilt_part(state: RunState, target: OutputTarget) -> tuple[Path, int]:
     """The published rows as the state's oldest part (sequence 0); (its path, its row count)."""
     schema = COMPACTED_SCHEMA if isinstance(target, ShardTarget) else PART_SCHEMA
+    recorded: dict[str, Any] = {}
+    if isinstance(target, DatasetTarget):  # its rows, with the file each is in, and which files are its own
+        schema, recorded = PUBLISHED_SCHEMA, {FILES_KEY: target.file_names()}
     path = state.parts_dir / part_name(REBUILT_SEQUENCE, new_run_id(), "rebuilt")
     state.parts_dir.mkdir(parents=True, exist_ok=True)
     writer = ParquetRowWriter(path, schema=schema)
@@ -123,7 +138,7 @@ def write_rebuilt_part(state: RunState, target: OutputTarget) -> tuple[Path, int
         for batch in published_rows(target, schema):
             writer.write_table(batch)
             rows += batch.num_rows
-        writer.commit({"rebuilt_from": target.label, "rows": rows})
+        writer.commit({"rebuilt_from": target.label, "rows": rows, **recorded})
     except BaseException as exc:
         writer.abort()
         if isinstance(exc, (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException)):
@@ -142,6 +157,13 @@ def published_rows(target: OutputTarget, schema: pa.Schema) -> Iterator[pa.Table
             name = shard_name(target.pattern, number)
             documents = shard_documents(target.directory, name, target.storage_options)
             yield from batches((as_part_row(document, {EXPORTED_SHARD: number}) for document in documents), schema)
+        return
+    if isinstance(target, DatasetTarget):
+        for name in target.file_names():
+            with target.folder.open(name) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS):
+                    table = pa.Table.from_batches([batch])
+                    yield conform(table.append_column(DATASET_FILE, pa.array([name] * table.num_rows)), schema)
         return
     if not isinstance(target, FileTarget):
         raise UsageError(f"{target.label} cannot be rebuilt into a state")
