@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -566,6 +567,7 @@ def caprl_contender(name: str, config: dict[str, Any], work: Path, env: dict[str
         command += ["--engine", "openai", "--base-url", config["base_url"], "--concurrency", str(CONCURRENCY)]
     else:
         command += ["--dtype", config["dtype"]]
+    command += config.get("caprl_args", [])
     watch, wall = run_watched(command, env, roots, work / f"{name}.log")
     summary = json.loads(output.with_name(output.name + ".summary.json").read_text())
     run = summary["run"]
@@ -729,6 +731,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on the tiny model, auto otherwise")
     parser.add_argument("--quick", action="store_true", help="a smaller corpus and shorter captions: ~10 min on 2 cores")
     parser.add_argument("--only", help="comma-separated contenders (development; the caprl ratio needs caprl)")
+    parser.add_argument("--caprl-args", default="", help="extra `caprl caption` options for the caprl contenders "
+                        "(development: measuring one setting, e.g. --caprl-args='--workers 1 --max-repeats 0')")
     parser.add_argument("--corpus-dir", type=Path, default=ROOT / "build" / "bench-corpus")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -781,6 +785,7 @@ def main() -> None:
             "seed": args.seed,
             "prompt": DEFAULT_PROMPT,
             "on_cpu": current_platform.is_cpu(),
+            "caprl_args": shlex.split(args.caprl_args),
         }
         profile = profile_from_processor(
             load_processor(model_path), DEFAULT_PROMPT, None, config["min_pixels"], config["max_pixels"]

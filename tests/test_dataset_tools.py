@@ -127,6 +127,20 @@ def test_status_without_a_share_names_the_shares_the_folder_holds(shared_folder:
         output_status(str(shared_folder), [])
 
 
+def test_status_refuses_a_share_the_state_does_not_record(tmp_path: Path) -> None:
+    """A share's single-file output read with another --shard-index: refused, not reported as that share."""
+    from caprl_cli.errors import UsageError
+    from caprl_cli.status import output_status
+
+    output = tmp_path / "share-0.parquet"
+    state = RunState(output)
+    state.create()
+    state.write_fingerprint(fingerprint_of(dataclasses.replace(settings_of(tmp_path, (0, 2)), output=str(output))))
+    assert output_status(str(output), [], share=(0, 2))["share"] == {"index": 0, "count": 2}
+    with pytest.raises(UsageError, match="records share 0 of 2, not share 1 of 2"):
+        output_status(str(output), [], share=(1, 2))
+
+
 def test_status_cli_takes_the_share_options(shared_folder: Path, run_caprl) -> None:
     result = run_caprl("status", shared_folder, "--num-shards", "2", "--shard-index", "0", "--json")
     assert result.returncode == 0, result.stderr
@@ -211,6 +225,9 @@ def test_merge_writes_a_dataset_folder_of_bounded_files(shared_folder: Path, tmp
     assert all(pq.read_metadata(out / name).num_rows <= 2 for name in names)
     assert sorted(pd.read_parquet(out)["key"]) == list("abcdefg")
     assert json.loads((out / ".caprl" / "summary.json").read_text())["counts"]["images"] == 7
+    # a merged folder is itself a merge input (no caption state in it: found by its Parquet files)
+    merge_outputs([str(out)], str(tmp_path / "again.jsonl"))
+    assert len((tmp_path / "again.jsonl").read_text().splitlines()) == 7
     # merged again from less: the earlier merge's files beyond the new ones are gone
     merge_outputs([str(extra)], f"{out}/", output_format="parquet", rows_per_file=2)
     assert sorted(path.name for path in out.glob("*.parquet")) == ["captions-000000.parquet"]

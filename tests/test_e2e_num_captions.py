@@ -40,6 +40,7 @@ def runs(run_caprl, images: Path, tiny_model: Path, tmp_path_factory: pytest.Tem
         "parquet": (images, ("-o", base / "first.parquet")),
         "jsonl": (images, ("-o", base / "out.jsonl")),
         "webdataset": (images, ("-o", base / "shards/", "--format", "webdataset")),
+        "dataset": (images, ("-o", f"{base / 'dataset'}/", "--format", "parquet")),
         "sidecar": (sidecar_images, ("--format", "sidecar")),
     }
     found: dict[str, Path] = {}
@@ -55,6 +56,10 @@ def runs(run_caprl, images: Path, tiny_model: Path, tmp_path_factory: pytest.Tem
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a Parquet or JSONL output, read with the plain libraries; the list columns are there."""
+    if path.is_dir():  # a Parquet dataset folder, read as one table
+        table = pq.read_table(path)
+        assert tuple(table.column_names) == output_columns(N)
+        return table.to_pylist()
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert all(tuple(row) == output_columns(N) for row in rows)
@@ -82,7 +87,7 @@ def captions_by_key(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def test_table_rows_hold_n_captions_the_first_in_caption(runs) -> None:
-    for name in ("parquet", "jsonl"):
+    for name in ("parquet", "jsonl", "dataset"):
         rows = read_rows(runs[name])
         for row in rows:
             assert row["status"] == "ok"
@@ -101,6 +106,7 @@ def test_each_caption_is_sampled_with_its_own_seed(runs) -> None:
 def test_fresh_runs_and_every_format_give_the_same_captions(runs) -> None:
     expected = captions_by_key(read_rows(runs["parquet"]))
     assert captions_by_key(read_rows(runs["jsonl"])) == expected
+    assert captions_by_key(read_rows(runs["dataset"])) == expected
     samples = shard_samples(runs["webdataset"])
     documents = [json.loads(sample["json"]) for sample in samples.values()]
     assert captions_by_key(documents) == expected

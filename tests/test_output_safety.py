@@ -265,7 +265,7 @@ def test_temp_name_falls_back_to_a_short_hashed_name(tmp_path: Path) -> None:
         ("x.parquet", "webdataset"),
         ("out-%06d.tar", "parquet"),
         ("out-%06d.tar", "sidecar"),
-        ("dir.parquet/", "parquet"),
+        ("dir.jsonl/", "jsonl"),
         ("shards/", "jsonl"),
         ("adir.parquet/", None),
     ],
@@ -273,6 +273,12 @@ def test_temp_name_falls_back_to_a_short_hashed_name(tmp_path: Path) -> None:
 def test_format_contradicting_the_name_is_refused(output: str, requested: str | None) -> None:
     with pytest.raises(UsageError):
         output_format_for(output, requested)
+
+
+def test_a_parquet_named_folder_with_format_parquet_is_a_dataset_folder() -> None:
+    """`-o out.parquet/ --format parquet` asks for a folder of Parquet files (as Spark names them): the
+    `/` and --format both say so; without --format the name contradicts itself and is refused above."""
+    assert output_format_for("dir.parquet/", "parquet") == "parquet"
 
 
 def test_trailing_slash_parquet_is_refused_by_the_cli(run_caprl, tmp_path: Path) -> None:

@@ -42,15 +42,17 @@ def recorded_format(state_dir: Path) -> str | None:
 
 def is_dataset_location(location: str, storage_options: StorageOptions | None = None) -> bool:
     """Whether `location` is an existing folder holding a Parquet dataset: a state in it records
-    `parquet`, or (no state in it at all) it holds `.parquet` files. A WebDataset folder's state records
-    `webdataset`, a sidecar folder's `sidecar`; an older state records no format and is not a dataset's."""
+    `parquet`, or (no state in it records a format: none, or a merged folder's summary) it holds
+    `.parquet` files. A WebDataset folder's state records `webdataset`, a sidecar folder's `sidecar`;
+    an older state records no format, and its folder holds no Parquet files."""
     local = local_path_of(location)
     if local is not None:
         if not local.is_dir():
             return False
         states = [path for path in local.iterdir() if path.name == STATE_NAME or _SHARE_STATE.fullmatch(path.name)]
-        if states:
-            return any(recorded_format(path) == "parquet" for path in states if path.is_dir())
+        formats = {recorded_format(path) for path in states if path.is_dir()}
+        if formats - {None}:  # a caption run's state says (a merged folder's `.caprl` holds only a summary)
+            return "parquet" in formats
         return any(path.suffix == ".parquet" and path.is_file() for path in local.iterdir())
     from caprl_cli.storage import filesystem
 

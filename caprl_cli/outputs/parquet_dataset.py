@@ -53,7 +53,7 @@ from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputOptions, OutputTarget, cache_state_dir
 from caprl_cli.outputs.place import check_folder, check_names_fit
 from caprl_cli.outputs.row_writers import PROVENANCE_KEY, ParquetRowWriter
-from caprl_cli.outputs.rows import PART_SCHEMA, SCHEMA, STATUS_ERROR, STATUS_WITHDRAWN
+from caprl_cli.outputs.rows import PART_SCHEMA, SCHEMA, STATUS_ERROR, STATUS_WITHDRAWN, output_schema
 from caprl_cli.state.folder import RunState
 from caprl_cli.state.index import CommittedIndex
 from caprl_cli.state.parts import new_run_id
@@ -159,6 +159,8 @@ class DatasetTarget(OutputTarget):
         self.share = options.share
         self.prefix = file_prefix(self.share)
         self.folder = DatasetFolder.of(self.directory, self.storage_options)
+        # Data files hold the contract's columns, plus the list columns of --num-captions N > 1.
+        self.schema = output_schema(options.num_captions)
 
     @property
     def state_name(self) -> str:
@@ -236,7 +238,7 @@ class DatasetTarget(OutputTarget):
             state.parts_dir / part_name(next_sequence(state.parts_dir), new_run_id(), "published"),
             schema=PUBLISHED_SCHEMA,
         )
-        files = FileSequence(self, next_number, provenance)
+        files = FileSequence(self, next_number, provenance, schema=self.schema)
         try:
             # Error rows first in the state part, so later lookups of replaced rows skip the rest.
             for errors in (True, False):
@@ -294,7 +296,7 @@ class DatasetTarget(OutputTarget):
     def write_file(self, name: str, table: pa.Table, provenance: dict[str, Any]) -> None:
         """One data file, written whole under a temporary name and renamed."""
         path = self.folder.staging_path(name)
-        writer = ParquetRowWriter(path, schema=SCHEMA)
+        writer = ParquetRowWriter(path, schema=self.schema)
         try:
             writer.write_table(table)
             writer.commit(provenance)
@@ -315,7 +317,7 @@ class DatasetTarget(OutputTarget):
             for name in set(table[DATASET_FILE].to_pylist()):
                 found.setdefault(name, []).append(table.filter(pc.equal(table[DATASET_FILE], name)))
         for name, tables in sorted(found.items()):
-            self.write_file(name, pa.concat_tables(tables).select(list(SCHEMA.names)), provenance)
+            self.write_file(name, pa.concat_tables(tables).select(list(self.schema.names)), provenance)
 
 
 class FileSequence:
