@@ -343,7 +343,7 @@ def vllm_llm(config: dict[str, Any], profile: Any, ceiling: bool) -> Any:
     if on_cpu:
         options["enable_chunked_prefill"] = False  # seeded sampling on the CPU build, as caprl does
     if ceiling:
-        options.update(mm_processor_cache_gb=0, disable_log_stats=True)
+        options.update(mm_processor_cache_gb=0, enable_prefix_caching=False, disable_log_stats=True)
     return LLM(**options)
 
 

@@ -96,7 +96,6 @@ def build(out: Path, seed: int = 0) -> Path:
     """Write model, tokenizer, processor and chat template to `out`; return `out`."""
     import torch
     from transformers import (
-        GenerationConfig,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -106,22 +105,11 @@ def build(out: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    vocab = len(tokenizer)
-    text_config = {
-        "vocab_size": vocab,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    text_config = _qwen_text_config(
+        len(tokenizer),
+        ids,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+    )
     vision_config = {
         "depth": 2,
         "hidden_size": 64,
@@ -146,13 +134,6 @@ def build(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
     image_processor = Qwen2VLImageProcessor(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=12845056
     )
@@ -162,9 +143,7 @@ def build(out: Path, seed: int = 0) -> Path:
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save(model, ids, out, processor, tokenizer)
 
 
 # Qwen3-VL's chat template, reduced to what captioning uses: unlike Qwen2.5-VL it injects no system turn.
@@ -196,6 +175,7 @@ INTERNVL_CHAT_TEMPLATE = (
 
 
 def _qwen_text_config(vocab: int, ids: dict[str, int], **extra: object) -> dict[str, object]:
+    """The tiny language model every architecture here shares; `extra` adds what one of them needs."""
     return {
         "vocab_size": vocab,
         "hidden_size": 128,
@@ -203,7 +183,6 @@ def _qwen_text_config(vocab: int, ids: dict[str, int], **extra: object) -> dict[
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 32,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
@@ -240,6 +219,7 @@ def build_qwen3_vl(out: Path, seed: int = 0) -> Path:
     text_config = _qwen_text_config(
         len(tokenizer),
         ids,
+        head_dim=32,
         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 6, 6], "mrope_interleaved": True},
     )
     vision_config = {
@@ -303,7 +283,9 @@ def build_internvl(out: Path, seed: int = 0) -> Path:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in INTERNVL_SPECIAL_TOKENS}
     text_config = {
         "model_type": "qwen3",
-        **_qwen_text_config(len(tokenizer), ids, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        **_qwen_text_config(
+            len(tokenizer), ids, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+        ),
     }
     vision_config = {
         "hidden_size": 64,

@@ -18,39 +18,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from dataset_rows import MODEL, bad, commit_rows, keys_of, ok, target_of
 from PIL import Image
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.faults import CRASH_ENV
-from caprl_cli.outputs import open_target
-from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.outputs.parquet_dataset import DATASET_FILE, DatasetTarget, is_published_part
 from caprl_cli.outputs.row_writers import PROVENANCE_KEY
-from caprl_cli.outputs.rows import PART_SCHEMA, caption_row, error_row, withdrawal_row
+from caprl_cli.outputs.rows import error_row, withdrawal_row
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.fingerprint import fingerprint_of
 from caprl_cli.state.folder import RunState
-from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.state.shares import share_of
 
-MODEL = "tiny"
 PROVENANCE = {"model": MODEL, "prompt": "p", "engine": "transformers", "run": {"finished_at": "2024-01-01T00:00:00"}}
-
-
-def ok(key: str) -> dict:
-    return {**caption_row(key=key, source=f"/in/{key}", model=MODEL, caption="c", finish_reason="stop",
-                          prompt_tokens=1, output_tokens=1, width=28, height=28), "signature": "s"}
-
-
-def bad(key: str) -> dict:
-    return {**error_row(key=key, source=f"/in/{key}", model=MODEL, kind=ErrorKind.DECODE, message="no"),
-            "signature": "s"}
-
-
-def target_of(folder: Path, rows_per_file: int = 3, share: tuple[int, int] | None = None) -> DatasetTarget:
-    target = open_target(f"{folder}/", [], OutputOptions("parquet", rows_per_file=rows_per_file, share=share))
-    assert isinstance(target, DatasetTarget)
-    return target
 
 
 def settings_of(folder: Path, share: tuple[int, int] | None = None) -> CaptionSettings:
@@ -66,16 +47,9 @@ def publish(target: DatasetTarget, rows: list[dict], provenance: dict | None = N
         state.create()
         share = target.share
         state.write_fingerprint(fingerprint_of(settings_of(Path(target.directory), share)))
-    parts = PartWriter(state.parts_dir, new_run_id(), flush_rows=1, schema=PART_SCHEMA)
-    for row in rows:
-        parts.add(row)
-    parts.close()
+    commit_rows(state, rows)
     target.publish(state, state.committed(), provenance or PROVENANCE)
     return state
-
-
-def keys_in(folder: Path) -> list[str]:
-    return sorted(pq.read_table(folder)["key"].to_pylist())
 
 
 # -- --dry-run with a share ------------------------------------------------------------------------------
@@ -160,7 +134,7 @@ def test_repair_detects_a_dataset_folder_and_rebuilds_a_share_from_its_files(sha
     assert sorted(index.keys().to_pylist()) == ["d", "e"]
     # the rebuilt part knows which file holds each row: a retried error row leaves its file
     publish(target_of(shared_folder, share=(1, 2)), [ok("e")])
-    assert keys_in(shared_folder) == ["a", "b", "c", "d", "e"]
+    assert keys_of(shared_folder) == ["a", "b", "c", "d", "e"]
 
 
 def test_repair_of_a_whole_dataset_folder_needs_no_format(tmp_path: Path) -> None:
@@ -283,7 +257,7 @@ def copy_of(folder: Path, tmp_path: Path) -> Path:
 def assert_consistent(folder: Path, keys: list[str]) -> RunState:
     """Every key once in the files and in the state, the state's record current, few parts, no temporaries."""
     state = RunState(None, state_dir=folder / ".caprl")
-    assert keys_in(folder) == keys
+    assert keys_of(folder) == keys
     index = state.committed()
     assert sorted(index.keys().to_pylist()) == keys
     parts = state.part_paths()
@@ -341,7 +315,7 @@ def test_a_compaction_killed_at_any_step_loses_nothing(many_publishes: Path, tmp
     killed = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(folder)],
                             env={**os.environ, CRASH_ENV: point}, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert keys_in(folder) == [f"k{hour:02d}" for hour in range(PUBLISHES + 1)]  # the files were published
+    assert keys_of(folder) == [f"k{hour:02d}" for hour in range(PUBLISHES + 1)]  # the files were published
     publish(target_of(folder), [ok("k65")])
     state = assert_consistent(folder, [f"k{hour:02d}" for hour in range(PUBLISHES + 2)])
     assert len(state.part_paths()) <= 33

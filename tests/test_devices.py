@@ -12,7 +12,8 @@ from caprl_cli.execute.devices import (
     plan_engines,
     visible_gpus,
 )
-from caprl_cli.execute.multi import engine_cache_env, restart_delay, unit_size
+from caprl_cli.execute.multi import engine_cache_env, unit_size
+from caprl_cli.execute.units import restart_delay
 
 
 def no_gpus() -> int:

@@ -17,52 +17,28 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dataset_rows import MODEL, bad, commit_rows, keys_of, ok, target_of
+
 from caprl_cli.errors import ErrorKind
 from caprl_cli.outputs import open_target
 from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.outputs.parquet_dataset import DatasetTarget
-from caprl_cli.outputs.rows import PART_SCHEMA, caption_row, error_row, withdrawal_row
+from caprl_cli.outputs.rows import error_row, withdrawal_row
 from caprl_cli.state.folder import RunState
-from caprl_cli.state.parts import PartWriter, new_run_id
 from caprl_cli.state.shares import share_of
-
-MODEL = "tiny"
-
-
-def ok(key: str) -> dict:
-    return {**caption_row(key=key, source=f"/in/{key}", model=MODEL, caption="c", finish_reason="stop",
-                          prompt_tokens=1, output_tokens=1, width=28, height=28), "signature": "s"}
-
-
-def bad(key: str) -> dict:
-    return {**error_row(key=key, source=f"/in/{key}", model=MODEL, kind=ErrorKind.DECODE, message="no"),
-            "signature": "s"}
-
-
-def target_of(folder: Path, rows_per_file: int = 3, share: tuple[int, int] | None = None) -> DatasetTarget:
-    target = open_target(f"{folder}/", [], OutputOptions("parquet", rows_per_file=rows_per_file, share=share))
-    assert isinstance(target, DatasetTarget)
-    return target
 
 
 def run(target: DatasetTarget, rows: list[dict]) -> RunState:
     """Commit `rows` as one run's parts (one row per part, as a run flushing often does), then publish."""
     state = RunState(None, state_dir=target.state_dir, label=target.label)
     state.create()
-    parts = PartWriter(state.parts_dir, new_run_id(), flush_rows=1, schema=PART_SCHEMA)
-    for row in rows:
-        parts.add(row)
-    parts.close()
+    commit_rows(state, rows)
     target.publish(state, state.committed(), {"run": "test"})
     return state
 
 
 def digests(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*.parquet"))}
-
-
-def keys_of(folder: Path) -> list[str]:
-    return sorted(pq.read_table(folder)["key"].to_pylist())
 
 
 def test_a_second_run_adds_files_and_leaves_earlier_ones_byte_identical(tmp_path: Path) -> None:

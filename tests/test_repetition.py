@@ -80,3 +80,21 @@ def test_unusable_rules_are_refused() -> None:
     for bad in ({"min_repeats": 1}, {"max_period": 0}, {"min_tokens": 0}):
         with pytest.raises(ValueError):
             RepetitionRule(**bad)
+
+
+def test_vllm_streams_tokens_only_when_a_caption_could_loop() -> None:
+    """Every step's tokens are streamed (a cost per running request per step) only when `max_tokens`
+    leaves room for the shortest loop the rule counts; shorter captions are taken whole."""
+    from caprl_cli.engines.base import EngineSpec, Sampling
+    from caprl_cli.engines.vllm_engine import watched_rule
+
+    def spec(max_tokens: int, rule: RepetitionRule | None) -> EngineSpec:
+        return EngineSpec("model", "prompt", Sampling(max_tokens, 1.0, 1.0, 0), 3136, 200704, repetition=rule)
+
+    assert watched_rule(spec(RULE.min_tokens, RULE)) == RULE
+    assert watched_rule(spec(2048, RULE)) == RULE
+    assert watched_rule(spec(RULE.min_tokens - 1, RULE)) is None
+    default = RepetitionRule()  # caprl's --max-repeats rule: loops of 64 tokens or more
+    assert watched_rule(spec(16, default)) is None
+    assert watched_rule(spec(2048, default)) == default
+    assert watched_rule(spec(2048, None)) is None

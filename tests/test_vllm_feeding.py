@@ -106,3 +106,11 @@ def test_an_error_of_the_input_reaches_the_caller(engine) -> None:
         list(engine.caption(failing()))
     # The engine is left clean: the next call captions normally.
     assert [key for key, _ in engine.caption([request("after", 20)])] == ["after"]
+
+
+def test_images_are_not_hashed_for_caches_that_never_hit(engine) -> None:
+    """Neither the processor cache nor prefix caching is on (prompts share less than one KV block
+    before the image), so vLLM's input thread skips hashing every image's pixels."""
+    config = engine._llm.llm_engine.vllm_config
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.model_config.multimodal_config.mm_processor_cache_gb == 0

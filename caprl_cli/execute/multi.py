@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -38,29 +37,32 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from caprl_cli.errors import EngineStartError, ErrorKind, SampleError
 from caprl_cli.execute.devices import CUDA_VISIBLE_DEVICES, EnginePlacement, decode_workers_per_engine
-from caprl_cli.execute.local import RowSink, RunOutcome, caption_plan, engine_spec, expected_images, failed_row, load_model
-from caprl_cli.execute.progress import LOG_INTERVAL_S, Progress
+from caprl_cli.execute.local import RowSink, RunOutcome, caption_plan, engine_spec, expected_images, load_model
+from caprl_cli.execute.progress import Progress
 from caprl_cli.execute.stopping import Stopper
+from caprl_cli.execute.units import (
+    STOP_GRACE_S,
+    EngineStats,
+    StatsLog,
+    Unit,
+    UnitQueue,
+    count_death,
+    ensure_an_engine_left,
+)
 from caprl_cli.execute.worker import WorkerConfig, end_engine_process, worker_main
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.provenance import ModelFacts
-from caprl_cli.outputs.rows import Row, all_output_tokens, error_kind_of
-from caprl_cli.prepare.pool import Failed
+from caprl_cli.outputs.rows import Row
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.parts import PartWriter
 from caprl_cli.state.plan import Plan
-from caprl_cli.storage import is_process_local
 
 log = logging.getLogger("caprl")
 
 DEFAULT_STALL_TIMEOUT_S = 600.0
 MAX_UNIT_SIZE = 32
-MAX_FAILURES = 3  # deaths in a row, without a row in between, that take an engine out of the run
-STOP_GRACE_S = 30.0  # how long workers told to end or stop may take to hand in their last rows
 _POLL_S = 0.25
-_BACKOFF_CAP_S = 30.0
 # Compile caches that concurrent engines must not share (vLLM's and torch.compile's, Triton's).
 _CACHE_VARIABLES = {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 
@@ -107,12 +109,6 @@ def unit_size(total: int | None, engines: int) -> int:
     return max(1, min(MAX_UNIT_SIZE, math.ceil(total / (4 * engines))))
 
 
-def restart_delay(failures: int) -> float:
-    """Pause before starting an engine again: none after a death that was an image's fault, then
-    1, 2, 4 ... seconds, at most 30."""
-    return 0.0 if failures <= 0 else min(_BACKOFF_CAP_S, 2.0 ** (failures - 1))
-
-
 def engine_cache_env(placement: EnginePlacement, environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     """Compile cache folders of this engine's own, unless the user chose them: concurrent engines
     writing one cache corrupt it. Named by the engine's devices, so a later run (or a restarted worker)
@@ -138,60 +134,6 @@ def environment(changes: dict[str, str]) -> Iterator[None]:
 
 
 @dataclass
-class Unit:
-    """Samples handed out together. `remaining` holds those without a row yet; a suspect unit holds
-    images a dead engine had and runs alone on an engine."""
-
-    id: int
-    remaining: dict[str, Sample]
-    suspect: bool = False
-
-
-@dataclass
-class EngineStats:
-    """What one engine did, for -v logs and the summary."""
-
-    index: int
-    devices: str | None
-    images: int = 0
-    ok: int = 0
-    errors: int = 0
-    output_tokens: int = 0
-    units: int = 0
-    restarts: int = 0
-    dropped: bool = False
-    ready_at: float | None = None
-    last_row_at: float | None = None
-
-    def rate(self) -> float:
-        if self.ready_at is None or self.last_row_at is None:
-            return 0.0
-        return self.images / max(self.last_row_at - self.ready_at, 1e-9)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "engine": self.index,
-            "devices": self.devices if self.devices is not None else "cpu",
-            "images": self.images,
-            "ok": self.ok,
-            "error": self.errors,
-            "output_tokens": self.output_tokens,
-            "units": self.units,
-            "images_per_s": round(self.rate(), 3),
-            "restarts": self.restarts,
-            "dropped": self.dropped,
-        }
-
-    def line(self) -> str:
-        where = f"GPU {self.devices}" if self.devices is not None else "CPU"
-        state = ", dropped" if self.dropped else ""
-        return (
-            f"engine {self.index} ({where}): {self.images} images, {self.errors} errors, "
-            f"{self.rate():.2f} img/s, {self.restarts} restarts{state}"
-        )
-
-
-@dataclass
 class EngineSlot:
     """One engine's place in the run and its current worker process (if any)."""
 
@@ -213,6 +155,10 @@ class EngineSlot:
     @property
     def alive(self) -> bool:
         return self.process is not None
+
+    @property
+    def label(self) -> str:
+        return self.placement.label
 
 
 class MultiEngineRun:
@@ -236,17 +182,12 @@ class MultiEngineRun:
         self.sink = RowSink(parts, Progress(0, enabled=False), plan)
         self.slots = [EngineSlot(p, EngineStats(p.index, p.devices)) for p in placements]
         self.unit_size = unit_size(expected_images(plan), len(placements))
-        self.queue: deque[Unit] = deque()  # units given back by dead workers, not suspects
-        self.suspects: deque[Unit] = deque()
-        self.owner: dict[str, tuple[EngineSlot, Unit]] = {}  # key -> who holds it now
-        self.deaths: Counter[str] = Counter()  # key -> engine deaths while it was held
-        self.exhausted = False
+        self.units = UnitQueue(samples, settings, self.sink, self.unit_size)
         self.stopping = False
         self.captioning = False
         self.start_failure: str | None = None
-        self._unit_ids = iter(range(1 << 62))
         self._context = multiprocessing.get_context("spawn")
-        self._last_log = time.monotonic()
+        self.stats_log = StatsLog()
         self.config: WorkerConfig | None = None
 
     # -- the run -------------------------------------------------------------------------------------
@@ -286,7 +227,7 @@ class MultiEngineRun:
                         self._on_message(slot, message)
                 self._check_workers()
                 self._serve()
-                self._log_engines()
+                self.stats_log.tick(slot.stats for slot in self.slots)
             facts = replace(facts, engine_version=version)
             return RunOutcome(self._counts(), self.sink.progress.rate(), facts)
         finally:
@@ -301,8 +242,7 @@ class MultiEngineRun:
         live = [slot for slot in self.slots if slot.alive]
         if self.stopping:
             return not live
-        work_left = not self.exhausted or self.queue or self.suspects or self.owner
-        if not work_left:
+        if not self.units.work_left():
             for slot in self.slots:
                 if slot.alive and slot.ready:
                     self._tell(slot, "end")
@@ -312,9 +252,7 @@ class MultiEngineRun:
                 else:
                     slot.finished = True
             return not any(slot.alive for slot in self.slots)
-        if not any(slot.alive or not slot.finished for slot in self.slots):
-            message = self.start_failure or "every engine failed repeatedly"
-            raise EngineStartError(f"no engine is left to caption with: {message}")
+        ensure_an_engine_left(self.slots, self.start_failure)
         return False
 
     def _counts(self) -> Any:
@@ -391,28 +329,14 @@ class MultiEngineRun:
             slot.told = slot.told or "end"
 
     def _on_row(self, slot: EngineSlot, row: Row) -> None:
-        key = row["key"]
-        held = self.owner.get(key)
-        if held is None or held[0] is not slot:
+        unit = self.units.accept(slot, row["key"])
+        if unit is None:
             return  # not this worker's any more (it was given up on): never written twice
-        _, unit = held
-        del self.owner[key]
-        unit.remaining.pop(key, None)
         if not unit.remaining:
             slot.held.pop(unit.id, None)
         slot.failures = 0
-        self._count(slot, row)
+        slot.stats.count(row)
         self.sink.add(row)
-
-    def _count(self, slot: EngineSlot, row: Row) -> None:
-        stats = slot.stats
-        stats.images += 1
-        stats.last_row_at = time.monotonic()
-        if error_kind_of(row) is None:
-            stats.ok += 1
-            stats.output_tokens += all_output_tokens(row)
-        else:
-            stats.errors += 1
 
     def _check_workers(self) -> None:
         """Notice dead and stalled workers; start again those whose pause is over."""
@@ -467,21 +391,8 @@ class MultiEngineRun:
         # A death while running suspects alone is the image's fault, not the engine's.
         alone_suspect = len(slot.held) == 1 and next(iter(slot.held.values())).suspect
         self._requeue(slot, died=True)
-        slot.stats.restarts += 1
-        if not (alone_suspect and was_ready):
-            slot.failures += 1
-        if slot.failures >= MAX_FAILURES:
-            log.warning(
-                "%s failed %d times in a row without captioning anything (%s): it is left out of the run",
-                slot.placement.label,
-                slot.failures,
-                why,
-            )
+        if not count_death(slot, slot.label, why, image_fault=alone_suspect and was_ready):
             self._drop(slot)
-            return
-        delay = restart_delay(slot.failures)
-        slot.start_at = time.monotonic() + delay
-        log.warning("%s died (%s); starting it again in %.0fs", slot.placement.label, why, delay)
 
     def _drain(self, slot: EngineSlot) -> None:
         """Rows a dead worker sent before it died are whole: keep them."""
@@ -497,35 +408,9 @@ class MultiEngineRun:
                 self._on_message(slot, message)
 
     def _requeue(self, slot: EngineSlot, died: bool) -> None:
-        """The units `slot` held go back on the queue (only what has no row). After a death they are
-        suspects; a suspect that ran alone and died again is split, and a single image that did so is
-        an `engine` error row."""
+        """The units `slot` held go back on the queue (see `UnitQueue.give_back`)."""
         held, slot.held = list(slot.held.values()), {}
-        alone = len(held) == 1
-        for unit in held:
-            for key in unit.remaining:
-                self.owner.pop(key, None)
-                self.deaths[key] += died
-            if not unit.remaining:
-                continue
-            if not died:
-                self.queue.appendleft(unit)
-            elif unit.suspect and alone and len(unit.remaining) == 1:
-                self._engine_error_row(next(iter(unit.remaining.values())))
-            elif unit.suspect and alone:
-                samples = list(unit.remaining.values())
-                half = len(samples) // 2
-                for part in (samples[:half], samples[half:]):
-                    self.suspects.append(self._unit(part, suspect=True))
-            else:
-                self.suspects.append(self._unit(list(unit.remaining.values()), suspect=True))
-
-    def _engine_error_row(self, sample: Sample) -> None:
-        deaths = self.deaths[sample.key]
-        log.warning("%s made the engine process die %d times: recorded as an engine error", sample.key, deaths)
-        failure = Failed(sample, ErrorKind.ENGINE, f"the engine process died on this image ({deaths} times)")
-        row = failed_row(failure, self.settings.model)
-        self.sink.add(row)
+        self.units.give_back(held, died)
 
     def _drop(self, slot: EngineSlot) -> None:
         slot.finished = True
@@ -571,49 +456,14 @@ class MultiEngineRun:
             return
         for slot in self.slots:
             while slot.alive and slot.ready and slot.told is None and self._holding(slot) < slot.capacity:
-                if any(unit.suspect for unit in slot.held.values()):
+                unit = self.units.take(slot.held.values())
+                if unit is None:
                     break
-                if self.suspects:
-                    if slot.held:
-                        break
-                    unit = self.suspects.popleft()
-                else:
-                    unit = self._next_unit()
-                    if unit is None:
-                        break
                 self._hand(slot, unit)
 
     @staticmethod
     def _holding(slot: EngineSlot) -> int:
         return sum(len(unit.remaining) for unit in slot.held.values())
-
-    def _next_unit(self) -> Unit | None:
-        if self.queue:
-            return self.queue.popleft()
-        if self.exhausted:
-            return None
-        taken: list[Sample] = []
-        for sample in self.samples:
-            taken.append(self._reachable(sample))
-            if len(taken) >= self.unit_size:
-                break
-        else:
-            self.exhausted = True
-        return self._unit(taken) if taken else None
-
-    def _reachable(self, sample: Sample) -> Sample:
-        """A sample in a memory:// filesystem only this process sees travels with its bytes."""
-        if sample.data is not None or sample.path is None or not is_process_local(sample.path):
-            return sample
-        from caprl_cli.prepare.reading import read_sample_bytes
-
-        try:
-            return replace(sample, data=read_sample_bytes(sample, self.settings.storage_options, self.settings.retries))
-        except SampleError as exc:
-            return replace(sample, error_kind=exc.kind, error_message=exc.message)
-
-    def _unit(self, samples: list[Sample], suspect: bool = False) -> Unit:
-        return Unit(next(self._unit_ids), {sample.key: sample for sample in samples}, suspect)
 
     def _hand(self, slot: EngineSlot, unit: Unit) -> None:
         assert slot.conn is not None
@@ -621,19 +471,11 @@ class MultiEngineRun:
             slot.last_sign = time.monotonic()  # the stall clock starts when an idle worker gets work
         slot.held[unit.id] = unit
         slot.stats.units += 1
-        for key in unit.remaining:
-            self.owner[key] = (slot, unit)
+        self.units.hand(slot, unit)
         try:
             slot.conn.send(("unit", unit.id, list(unit.remaining.values())))
         except (OSError, ValueError):
             self._lost(slot, "it could not be sent work")
-
-    def _log_engines(self) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= LOG_INTERVAL_S and log.isEnabledFor(logging.DEBUG):
-            self._last_log = now
-            for slot in self.slots:
-                log.debug(slot.stats.line())
 
 
 def _describe_exit(code: int | None) -> str:

@@ -29,38 +29,43 @@ import math
 import os
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from caprl_cli.errors import EngineStartError, ErrorKind, SampleError, UsageError
+from caprl_cli.errors import EngineStartError, UsageError
 from caprl_cli.execute.local import (
     RowSink,
     RunOutcome,
     engine_spec,
     expected_images,
-    failed_row,
     image_requests,
     images_only,
     load_model,
     result_row,
     start_engine,
 )
-from caprl_cli.execute.multi import MAX_FAILURES, STOP_GRACE_S, EngineStats, Unit, restart_delay
-from caprl_cli.execute.progress import LOG_INTERVAL_S, Progress
+from caprl_cli.execute.progress import Progress
 from caprl_cli.execute.ray_cluster import ray_cluster
 from caprl_cli.execute.stopping import Stopper
+from caprl_cli.execute.units import (
+    STOP_GRACE_S,
+    EngineStats,
+    StatsLog,
+    Unit,
+    UnitQueue,
+    count_death,
+    ensure_an_engine_left,
+)
 from caprl_cli.execute.worker import engine_requests
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.provenance import ModelFacts
-from caprl_cli.outputs.rows import Row, error_kind_of
-from caprl_cli.prepare.outcomes import DecodeSettings, Failed, Outcome, prepare_with
+from caprl_cli.outputs.rows import Row
+from caprl_cli.prepare.outcomes import DecodeSettings, Outcome, prepare_with
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.parts import PartWriter
 from caprl_cli.state.plan import Plan
-from caprl_cli.storage import is_process_local
 
 log = logging.getLogger("caprl")
 
@@ -193,6 +198,10 @@ class ActorSlot:
     def alive(self) -> bool:
         return self.actor is not None
 
+    @property
+    def label(self) -> str:
+        return f"engine {self.index}"
+
 
 def caption_with_ray(
     settings: CaptionSettings,
@@ -229,17 +238,11 @@ class RayRun:
         self.keep_images = keep_images
         self.sink = RowSink(parts, Progress(0, enabled=False), plan)
         self.slots: list[ActorSlot] = []
-        self.queue: deque[Unit] = deque()
-        self.suspects: deque[Unit] = deque()
-        self.owner: dict[str, tuple[ActorSlot, Unit]] = {}
-        self.deaths: Counter[str] = Counter()
-        self.exhausted = False
+        self.units = UnitQueue(samples, settings, self.sink, unit_size=1)  # sized once an engine is ready
         self.stopping = False
         self.captioning = False
         self.start_failure: str | None = None
-        self.unit_size = 1
-        self._unit_ids = iter(range(1 << 62))
-        self._last_log = time.monotonic()
+        self.stats_log = StatsLog()
 
     # -- the run -----------------------------------------------------------------------------------------
 
@@ -283,7 +286,7 @@ class RayRun:
                     version = self._on_result(ref) or version
                 self._check_actors()
                 self._serve()
-                self._log_engines()
+                self.stats_log.tick(slot.stats for slot in self.slots)
             facts = replace(facts, engine_version=version)
             counts = self.sink.counts
             counts.engines = [slot.stats.record() for slot in self.slots]
@@ -296,11 +299,9 @@ class RayRun:
     def _done(self) -> bool:
         if self.stopping:
             return not any(slot.alive and slot.in_flight for slot in self.slots)
-        if self.exhausted and not self.queue and not self.suspects and not self.owner:
+        if not self.units.work_left():
             return True
-        if not any(slot.alive or not slot.finished for slot in self.slots):
-            message = self.start_failure or "every engine failed repeatedly"
-            raise EngineStartError(f"no engine is left to caption with: {message}")
+        ensure_an_engine_left(self.slots, self.start_failure)
         return False
 
     # -- actors ------------------------------------------------------------------------------------------
@@ -357,9 +358,7 @@ class RayRun:
             accepted += self._on_row(slot, unit, row)
         if accepted:
             slot.failures = 0
-        for key in list(unit.remaining):  # images a stop cut off: no row, nobody holds them now
-            if self.owner.get(key, (None, None))[0] is slot:
-                del self.owner[key]
+        self.units.release(slot, unit)  # images a stop cut off: no row, nobody holds them now
         return None
 
     def _on_ready(self, slot: ActorSlot, version: str, appetite: int, pid: int) -> None:
@@ -376,25 +375,14 @@ class RayRun:
             self.captioning = True
             self.stopper.begin_captioning()  # rows are about to exist: a signal now drains the run
             total = expected_images(self.plan)
-            self.unit_size = unit_size(total, len(self.slots), appetite)
+            self.units.unit_size = unit_size(total, len(self.slots), appetite)
             log.info("captioning %s images with %s on %s (Ray)", total or "the", self.settings.model, version)
             self.sink.progress = Progress(total, enabled=self.settings.progress)
 
     def _on_row(self, slot: ActorSlot, unit: Unit, row: Row) -> int:
-        key = row["key"]
-        held = self.owner.get(key)
-        if held is None or held[0] is not slot or held[1] is not unit:
+        if self.units.accept(slot, row["key"], unit) is None:
             return 0  # not this actor's any more (it was given up on): never written twice
-        del self.owner[key]
-        unit.remaining.pop(key, None)
-        stats = slot.stats
-        stats.images += 1
-        stats.last_row_at = time.monotonic()
-        if error_kind_of(row) is None:
-            stats.ok += 1
-            stats.output_tokens += row.get("output_tokens") or 0
-        else:
-            stats.errors += 1
+        slot.stats.count(row)
         self.sink.add(row)
         return 1
 
@@ -436,56 +424,19 @@ class RayRun:
             self._requeue(slot, died=False)
             slot.finished = True
             return
-        self._requeue(slot, died=True, alone=alone_suspect)
+        self._requeue(slot, died=True)
         if start_failure is not None:
             self.start_failure = start_failure
             log.warning("engine %d cannot start and is left out of the run: %s", slot.index, start_failure)
             self._drop(slot)
             return
-        slot.stats.restarts += 1
-        if not (alone_suspect and was_ready):
-            slot.failures += 1
-        if slot.failures >= MAX_FAILURES:
-            log.warning(
-                "engine %d failed %d times in a row without captioning anything (%s): it is left out of the run",
-                slot.index,
-                slot.failures,
-                why,
-            )
+        if not count_death(slot, slot.label, why, image_fault=alone_suspect and was_ready):
             self._drop(slot)
-            return
-        delay = restart_delay(slot.failures)
-        slot.start_at = time.monotonic() + delay
-        log.warning("engine %d died (%s); starting it again in %.0fs", slot.index, why, delay)
 
-    def _requeue(self, slot: ActorSlot, died: bool, alone: bool = False) -> None:
-        """The units `slot` held go back on the queue (only what has no row). After a death they are
-        suspects; a suspect that ran alone and died again is split, and a single image that did so is
-        an `engine` error row."""
+    def _requeue(self, slot: ActorSlot, died: bool) -> None:
+        """The units `slot` held go back on the queue (see `UnitQueue.give_back`)."""
         held, slot.in_flight = list(slot.in_flight.values()), {}
-        for unit in held:
-            for key in unit.remaining:
-                self.owner.pop(key, None)
-                self.deaths[key] += died
-            if not unit.remaining:
-                continue
-            if not died:
-                self.queue.appendleft(unit)
-            elif unit.suspect and alone and len(unit.remaining) == 1:
-                self._engine_error_row(next(iter(unit.remaining.values())))
-            elif unit.suspect and alone:
-                samples = list(unit.remaining.values())
-                half = len(samples) // 2
-                for part in (samples[:half], samples[half:]):
-                    self.suspects.append(self._unit(part, suspect=True))
-            else:
-                self.suspects.append(self._unit(list(unit.remaining.values()), suspect=True))
-
-    def _engine_error_row(self, sample: Sample) -> None:
-        deaths = self.deaths[sample.key]
-        log.warning("%s made the engine die %d times: recorded as an engine error", sample.key, deaths)
-        failure = Failed(sample, ErrorKind.ENGINE, f"the engine process died on this image ({deaths} times)")
-        self.sink.add(failed_row(failure, self.settings.model))
+        self.units.give_back(held, died)
 
     def _drop(self, slot: ActorSlot) -> None:
         slot.finished = True
@@ -523,61 +474,19 @@ class RayRun:
             return
         for slot in self.slots:
             while slot.alive and slot.ready and len(slot.in_flight) < UNITS_AHEAD:
-                if any(unit.suspect for unit in slot.in_flight.values()):
+                unit = self.units.take(slot.in_flight.values())
+                if unit is None:
                     break
-                if self.suspects:
-                    if slot.in_flight:
-                        break
-                    unit = self.suspects.popleft()
-                else:
-                    unit = self._next_unit()
-                    if unit is None:
-                        break
                 self._hand(slot, unit)
-
-    def _next_unit(self) -> Unit | None:
-        if self.queue:
-            return self.queue.popleft()
-        if self.exhausted:
-            return None
-        taken: list[Sample] = []
-        for sample in self.samples:
-            taken.append(self._reachable(sample))
-            if len(taken) >= self.unit_size:
-                break
-        else:
-            self.exhausted = True
-        return self._unit(taken) if taken else None
-
-    def _reachable(self, sample: Sample) -> Sample:
-        """A sample in a memory:// filesystem only this process sees travels with its bytes."""
-        if sample.data is not None or sample.path is None or not is_process_local(sample.path):
-            return sample
-        from caprl_cli.prepare.reading import read_sample_bytes
-
-        try:
-            return replace(sample, data=read_sample_bytes(sample, self.settings.storage_options, self.settings.retries))
-        except SampleError as exc:
-            return replace(sample, error_kind=exc.kind, error_message=exc.message)
-
-    def _unit(self, samples: list[Sample], suspect: bool = False) -> Unit:
-        return Unit(next(self._unit_ids), {sample.key: sample for sample in samples}, suspect)
 
     def _hand(self, slot: ActorSlot, unit: Unit) -> None:
         if not slot.in_flight:
             slot.last_sign = time.monotonic()  # the stall clock starts when an idle actor gets work
         slot.stats.units += 1
-        for key in unit.remaining:
-            self.owner[key] = (slot, unit)
+        self.units.hand(slot, unit)
         prepared = self.prepare.remote(list(unit.remaining.values()), self.decode)
         slot.in_flight[slot.actor.caption.remote(unit.id, prepared)] = unit
 
-    def _log_engines(self) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= LOG_INTERVAL_S and log.isEnabledFor(logging.DEBUG):
-            self._last_log = now
-            for slot in self.slots:
-                log.debug(slot.stats.line())
 
 
 def _start_failure(exc: BaseException | None) -> str | None:

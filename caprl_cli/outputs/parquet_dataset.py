@@ -40,10 +40,8 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +49,7 @@ import pyarrow.parquet as pq
 
 from caprl_cli.faults import crash_point
 from caprl_cli.outputs.base import OutputOptions, OutputTarget, cache_state_dir
+from caprl_cli.outputs.folder import OutputFolder
 from caprl_cli.outputs.place import check_folder, check_names_fit
 from caprl_cli.outputs.row_writers import PROVENANCE_KEY, ParquetRowWriter
 from caprl_cli.outputs.rows import PART_SCHEMA, SCHEMA, STATUS_ERROR, STATUS_WITHDRAWN, output_schema
@@ -58,7 +57,7 @@ from caprl_cli.state.folder import RunState
 from caprl_cli.state.index import CommittedIndex
 from caprl_cli.state.parts import new_run_id
 from caprl_cli.state.sequence import next_sequence, part_name, part_order
-from caprl_cli.storage import filesystem, local_path_of
+from caprl_cli.storage import local_path_of
 
 log = logging.getLogger("caprl")
 
@@ -88,29 +87,8 @@ def file_number(prefix: str, name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-@dataclass(frozen=True)
-class DatasetFolder:
+class DatasetFolder(OutputFolder):
     """The dataset folder: a local path, or an fsspec filesystem and the path inside it."""
-
-    local: Path | None
-    fs: Any = None
-    root: str = ""
-
-    @classmethod
-    def of(cls, location: str, options: dict | None) -> DatasetFolder:
-        local = local_path_of(location)
-        if local is not None:
-            return cls(local)
-        fs, root = filesystem(location, options)
-        return cls(None, fs, root.rstrip("/"))
-
-    def names(self) -> list[str]:
-        try:
-            if self.local is not None:
-                return os.listdir(self.local)
-            return [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False)]
-        except FileNotFoundError:
-            return []
 
     def staging_path(self, name: str) -> Path:
         """Where file `name` is committed: its final place locally (the writer renames into it from a
@@ -126,28 +104,8 @@ class DatasetFolder:
         """Give the committed file `built` its real name (remote: put to a hidden name, then mv)."""
         if self.local is not None:
             return  # ParquetRowWriter already renamed it into place
-        remote_temp = f"{self.root}/.{name}.{os.getpid()}.tmp"
-        try:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.put_file(str(built), remote_temp)
-            crash_point("upload.put")
-            self.fs.mv(remote_temp, f"{self.root}/{name}")
-        except BaseException:
-            with suppress(FileNotFoundError):
-                self.fs.rm(remote_temp)
-            raise
-        finally:
-            built.unlink(missing_ok=True)
-
-    def remove(self, name: str) -> None:
-        if self.local is not None:
-            (self.local / name).unlink(missing_ok=True)
-        else:
-            with suppress(FileNotFoundError):
-                self.fs.rm(f"{self.root}/{name}")
-
-    def open(self, name: str) -> IO[bytes]:
-        return open(self.local / name, "rb") if self.local is not None else self.fs.open(f"{self.root}/{name}", "rb")
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.upload(built, name)
 
 
 class DatasetTarget(OutputTarget):

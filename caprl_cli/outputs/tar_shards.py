@@ -16,17 +16,15 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from caprl_cli.errors import UsageError
-from caprl_cli.faults import crash_point
 from caprl_cli.outputs.rows import COLUMNS, STATUS_OK, Row
 from caprl_cli.inputs.shards import split_member_name
-from caprl_cli.storage import filesystem, local_path_of, redact
+from caprl_cli.storage import redact
 from caprl_cli.outputs.atomic import fsync_rename, temp_path_for
+from caprl_cli.outputs.folder import OutputFolder
 
 DEFAULT_SHARD_PATTERN = "%06d.tar"
 # One integer conversion (`%d` or zero-padded `%0Nd`, never space-padded), no other `%`, no folder, `.tar`.
@@ -86,35 +84,14 @@ def split_output_pattern(output: str) -> tuple[str, str]:
     return (head + "/" if head.endswith(":/") or not head else head), last
 
 
-@dataclass(frozen=True)
-class _Place:
+class _Place(OutputFolder):
     """A shard folder: a local path, or an fsspec filesystem and the path inside it."""
-
-    local: Path | None
-    fs: Any = None
-    root: str = ""
-
-    @classmethod
-    def of(cls, directory: str, options: dict | None) -> _Place:
-        local = local_path_of(directory)
-        if local is not None:
-            return cls(local)
-        fs, root = filesystem(directory, options)
-        return cls(None, fs, root.rstrip("/"))
 
     def makedirs(self) -> None:
         if self.local is not None:
             self.local.mkdir(parents=True, exist_ok=True)
         else:
             self.fs.makedirs(self.root, exist_ok=True)
-
-    def names(self) -> list[str]:
-        try:
-            if self.local is not None:
-                return os.listdir(self.local)
-            return [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False)]
-        except FileNotFoundError:
-            return []
 
     def build_path(self, name: str) -> Path:
         """Where shard `name` is built: a hidden sibling locally, a local temporary file otherwise."""
@@ -129,29 +106,7 @@ class _Place:
         if self.local is not None:
             fsync_rename(built, self.local / name)
             return
-        remote_temp = f"{self.root}/.{name}.{os.getpid()}.tmp"
-        try:
-            self.fs.put(str(built), remote_temp)
-            crash_point("upload.put")
-            self.fs.mv(remote_temp, f"{self.root}/{name}")
-        except BaseException:
-            self._remove_path(remote_temp)
-            raise
-        finally:
-            built.unlink(missing_ok=True)
-
-    def remove(self, name: str) -> None:
-        if self.local is not None:
-            (self.local / name).unlink(missing_ok=True)
-        else:
-            self._remove_path(f"{self.root}/{name}")
-
-    def _remove_path(self, path: str) -> None:
-        with suppress(FileNotFoundError):
-            self.fs.rm(path)
-
-    def open(self, name: str) -> IO[bytes]:
-        return open(self.local / name, "rb") if self.local is not None else self.fs.open(f"{self.root}/{name}", "rb")
+        self.upload(built, name)
 
 
 def _member(name: str, data: bytes, mtime: int) -> tuple[tarfile.TarInfo, io.BytesIO]:
