@@ -294,12 +294,14 @@ def test_a_slow_image_holds_up_neither_the_other_images_nor_the_run(
 def test_max_runtime_with_several_engines_exits_3_then_a_rerun_completes(
     folder: Path, tiny_model: Path, run_caprl, tmp_path: Path
 ) -> None:
-    """At least 24 s of captioning (2 s per image, 24 images, two engines) cannot fit in 20 s, model
-    loading included: the deadline always leaves work, whatever the machine's speed."""
+    """At least 48 s of captioning (4 s per image, 24 images, two engines) cannot fit in 40 s, model
+    loading included: the deadline always leaves work, whatever the machine's speed; and 40 s leave
+    two engine workers time to load the model first even on a busy machine (a deadline that falls
+    before captioning starts exits at once and writes no summary, see test_e2e_signals)."""
     output = tmp_path / "out.parquet"
     partial = run_caprl(
         "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, "--flush-every", "1",
-        *SMALL_HOLDINGS, "--max-runtime", "20s", env={"CAPRL_TEST_ENGINE_DELAY": "*:2"},
+        *SMALL_HOLDINGS, "--max-runtime", "40s", env={"CAPRL_TEST_ENGINE_DELAY": "*:4"},
     )
     assert partial.returncode == 3, partial.stderr
     assert summary_of(output)["run"]["stopped_by"] == "deadline"
