@@ -102,7 +102,7 @@ def check_gpus(gpus: list[GpuInfo], need_gib: float | None) -> CheckResult:
         return CheckResult(
             "gpu", FAIL, "no GPU visible (torch.cuda finds none, nvidia-smi lists none)",
             "install the NVIDIA driver and a CUDA build of torch, check CUDA_VISIBLE_DEVICES "
-            "(and --gpus in containers); without a GPU only --engine transformers runs, slowly",
+            "(and --gpus in containers); without a GPU, captioning runs on the CPU (the CPU build of vLLM, or --engine transformers), slowly",
         )
     largest = max(gpu.memory_gib for gpu in gpus)
     names = ", ".join(sorted({gpu.name for gpu in gpus}))
