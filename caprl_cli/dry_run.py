@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from caprl_cli.execute.progress import format_duration
 from caprl_cli.inputs.resolve import resolve_inputs
 from caprl_cli.outputs.place import without_probes
 from caprl_cli.settings import CaptionSettings
 from caprl_cli.state.folder import RunState
-from caprl_cli.state.index import INDEX_COLUMNS, CommittedIndex
+from caprl_cli.state.index import CommittedIndex
 from caprl_cli.state.plan import plan_listed, plan_run
 from caprl_cli.state.shares import Share
 
@@ -40,14 +38,6 @@ class DryRun:
     overwrite: bool
 
 
-def empty_index() -> CommittedIndex:
-    """The index of an output that holds nothing (a first run, or --overwrite)."""
-    columns = {name: pa.array([], pa.string()) for name in INDEX_COLUMNS}
-    return CommittedIndex(
-        parts=[], latest=pa.table({**columns, "part": pa.array([], pa.int32()), "row": pa.array([], pa.int64())})
-    )
-
-
 def last_rate(state: RunState) -> float | None:
     """images/s of captioning in the latest run record (model loading excluded); None if none."""
     record = state.last_run() if state.exists() else None
@@ -66,7 +56,7 @@ def preview_run(settings: CaptionSettings) -> DryRun:
         target.check_place(state)
     if not settings.overwrite:
         check_fingerprint(state, settings, target)  # reads only; raises what the run would raise
-    index = empty_index() if settings.overwrite or not state.exists() else state.committed()
+    index = CommittedIndex.empty() if settings.overwrite or not state.exists() else state.committed()
     finished = {} if settings.overwrite else state.finished_shards()
     options = input_options(settings, target)
     inputs = resolve_inputs(list(settings.inputs), options)

@@ -289,18 +289,7 @@ class RunState:
                 .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
             )
         if not tables:
-            empty = pa.table(
-                {
-                    "key": pa.array([], pa.string()),
-                    "status": pa.array([], pa.string()),
-                    "error": pa.array([], pa.string()),
-                    "source": pa.array([], pa.string()),
-                    "signature": pa.array([], pa.string()),
-                    "part": pa.array([], pa.int32()),
-                    "row": pa.array([], pa.int64()),
-                }
-            )
-            return CommittedIndex(parts=[], latest=empty)
+            return CommittedIndex.empty()
         every = pa.concat_tables(tables, promote_options="permissive")
         every = every.append_column("order", pa.array(np.arange(every.num_rows, dtype=np.int64)))
         newest = every.group_by("key", use_threads=False).aggregate([("order", "max")])

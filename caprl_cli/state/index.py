@@ -70,6 +70,12 @@ class CommittedIndex:
         if pc.any(withdrawn).as_py():
             object.__setattr__(self, "latest", self.latest.filter(pc.invert(withdrawn)))
 
+    @classmethod
+    def empty(cls) -> CommittedIndex:
+        """The index of an output that holds nothing yet (a first run, or --overwrite)."""
+        columns = {name: pa.array([], pa.string()) for name in INDEX_COLUMNS}
+        return cls(parts=[], latest=pa.table({**columns, "part": pa.array([], pa.int32()), "row": pa.array([], pa.int64())}))
+
     @property
     def size(self) -> int:
         return self.latest.num_rows
