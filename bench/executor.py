@@ -28,7 +28,6 @@ run to a core never touches another. Results are printed as JSON with the machin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -44,6 +43,9 @@ from caprl_cli.engines import EXTRA_ENGINES
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from tiny_model import build_tiny_model  # noqa: E402  (bench/ is the script's own folder on sys.path)
+
 INSTANT = "bench-instant"
 ONE_CORE_TRANSFORMERS = "bench-transformers-one-core"
 ROUTING_TARGET = 2000.0
@@ -101,15 +103,6 @@ EXTRA_ENGINES[ONE_CORE_TRANSFORMERS] = one_core_transformers
 
 
 # -- inputs --------------------------------------------------------------------------------------------
-
-
-def build_tiny_model(folder: Path) -> Path:
-    """The random Qwen2.5-VL of examples/make_tiny_model.py (its processor gives the grid)."""
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "examples" / "make_tiny_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(folder / "tiny-model")
 
 
 def make_images(folder: Path, count: int, size: int) -> Path:

@@ -55,6 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tiny_model import build_tiny_model  # noqa: E402  (bench/ is the script's own folder on sys.path)
+
 CONTENDERS = (
     "bare_vllm_predecoded",
     "bare_vllm",
@@ -75,17 +77,6 @@ TARGETS = {
 }
 OPENAI_TARGET = ("caprl_openai", "serve_concurrent", 1.0)
 IMAGE_SUFFIXES = (".jpg", ".png")
-
-
-def build_tiny_model(folder: Path) -> Path:
-    """The random Qwen2.5-VL of examples/make_tiny_model.py."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "examples" / "make_tiny_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(folder / "tiny-model")
 
 
 # -- the corpus ------------------------------------------------------------------------------------
