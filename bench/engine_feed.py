@@ -50,10 +50,11 @@ def main() -> None:
 
     from caprl_cli.engines.base import ImageRequest
     from caprl_cli.engines.vllm_engine import VllmEngine
-    from caprl_cli.execute.local import engine_spec, image_requests, images_only, load_model
+    from caprl_cli.execute.job import engine_spec, load_model
+    from caprl_cli.execute.stream import image_requests, images_only
     from caprl_cli.inputs.resolve import list_samples
     from caprl_cli.prepare.images import prepare_image
-    from caprl_cli.prepare.pool import Preprocessor
+    from caprl_cli.prepare.pool import DecodeSettings, Preprocessor
     from caprl_cli.settings import CaptionSettings
 
     settings = CaptionSettings(
@@ -99,7 +100,7 @@ def main() -> None:
             del engine._sampling_params
 
     def from_files(workers: int) -> int:
-        pre = Preprocessor(profile.grid, settings.max_image_pixels, workers)
+        pre = Preprocessor(DecodeSettings(profile.grid, settings.max_image_pixels), workers)
         for worker in pre._pool:
             if args.nice:
                 os.setpriority(os.PRIO_PROCESS, worker.process.pid, args.nice)

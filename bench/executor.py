@@ -3,7 +3,7 @@
 
 Two figures, each from real runs of `caprl_cli.runner.run_caption` (the code path of
 `caprl caption ... --num-engines N`: planning, the parent's queue, engine worker processes started by
-`execute.multi`, committed parts, the final merge):
+`execute.fleet` over `execute.process`, committed parts, the final merge):
 
 1. **Routing ceiling.** Images/s through the parent when engines cost nothing: a stand-in engine
    defined here (`InstantEngine`) returns a fixed caption for every image at once, on small

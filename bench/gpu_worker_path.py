@@ -1,4 +1,4 @@
-"""`caprl` with one engine driven through the engine-worker path (`execute/multi.py`), which a real
+"""`caprl` with one engine driven through the engine-worker path (the fleet over worker processes), which a real
 run takes only with two engines or more: on a machine with a single GPU this is how `gpu_smoke.sh`
 shows that a worker process started with its own `CUDA_VISIBLE_DEVICES` puts the model on that GPU.
 
@@ -6,17 +6,10 @@ shows that a worker process started with its own `CUDA_VISIBLE_DEVICES` puts the
 """
 import sys
 
-import caprl_cli.execute.multi as multi
-import caprl_cli.runner as runner
+import caprl_cli.execute.local as local
 
-
-def forced(settings, placements, plan, samples, parts, stopper, keep_images=False):  # type: ignore[no-untyped-def]
-    """`caption_with_engines`, but always in worker processes."""
-    return multi.MultiEngineRun(settings, placements, plan, samples, parts, stopper, keep_images).run()
-
-
-multi.caption_with_engines = forced
-runner.caption_with_engines = forced
+# Every engine counts as one whose core runs apart: so even a single engine goes to a worker process.
+local.engine_core_apart = lambda *_: True
 if __name__ == "__main__":  # spawned workers import this module too
     from caprl_cli.cli import main
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from caprl_cli.errors import CaprlError, UsageError
-from caprl_cli.execute.local import RunOutcome
-from caprl_cli.execute.devices import engine_placements
-from caprl_cli.execute.multi import caption_with_engines
+from caprl_cli.execute.devices import EnginePlacement, engine_placements
+from caprl_cli.execute.job import RunOutcome, build_job
+from caprl_cli.execute.local import LocalExecutor
 from caprl_cli.execute.stopping import StopNow, Stopper, StopReason
 from caprl_cli.inputs.prefetch import Prefetcher
 from caprl_cli.inputs.resolve import InputOptions, InputSet, resolve_inputs
@@ -181,19 +181,21 @@ def commit_withdrawals(state: RunState, run_id: str, plan: Plan, model: str, kee
 
 def run_engines(
     settings: CaptionSettings,
-    placements: list,
+    placements: list[EnginePlacement],
     plan: Plan,
     samples: Iterator[Sample],
     parts: PartWriter,
     stopper: Stopper,
     keep_images: bool,
 ) -> RunOutcome:
-    """The executor the settings choose: engines on this machine, or on a Ray cluster."""
+    """Build the run's job once and hand it to the executor the settings choose: the engines of this
+    machine, or of a Ray cluster."""
+    job = build_job(settings, plan, samples, parts, stopper, keep_images)
     if settings.executor == "ray":
-        from caprl_cli.execute.ray_executor import caption_with_ray
+        from caprl_cli.execute.ray_transport import RayExecutor
 
-        return caption_with_ray(settings, plan, samples, parts, stopper, keep_images)
-    return caption_with_engines(settings, placements, plan, samples, parts, stopper, keep_images)
+        return RayExecutor().run(job)
+    return LocalExecutor(placements).run(job)
 
 
 def run_caption(settings: CaptionSettings, started: float | None = None) -> RunReport:

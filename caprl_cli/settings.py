@@ -95,7 +95,7 @@ class CaptionSettings:
     max_repeats: int = DEFAULT_MAX_REPEATS
     # Parquet dataset folder (`-o folder/ --format parquet`): rows per data file at most. Not fingerprinted.
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
-    # Where the engines run (see execute/ray_executor.py): "local" (this machine) or "ray", on the Ray
+    # Where the engines run (see execute/ray_transport.py): "local" (this machine) or "ray", on the Ray
     # cluster at ray_address or on a local one the run starts. Not fingerprinted.
     executor: str = "local"
     ray_address: str | None = None

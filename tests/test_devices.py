@@ -12,7 +12,8 @@ from caprl_cli.execute.devices import (
     plan_engines,
     visible_gpus,
 )
-from caprl_cli.execute.multi import engine_cache_env, unit_size
+from caprl_cli.execute.process import engine_cache_env
+from caprl_cli.execute.units import unit_size
 from caprl_cli.execute.units import restart_delay
 
 
@@ -136,7 +137,7 @@ def test_one_vllm_engine_with_its_core_apart_runs_in_a_worker() -> None:
     """One vLLM engine whose engine core is a process of its own (GPUs, or asked for) is run in an engine
     worker, whose process group ends with the parent; otherwise one engine stays in-process."""
     from caprl_cli.execute.devices import EnginePlacement
-    from caprl_cli.execute.multi import engine_core_apart
+    from caprl_cli.execute.local import engine_core_apart
 
     gpu = EnginePlacement(index=0, devices="0")
     cpu = EnginePlacement(index=0, devices=None)

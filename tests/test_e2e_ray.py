@@ -28,7 +28,7 @@ from conftest import ROOT, write_shard
 from contract import read_rows
 from PIL import Image
 
-from caprl_cli.execute.ray_executor import place_engines, unit_size
+from caprl_cli.execute.ray_transport import place_engines
 from caprl_cli.execute.ray_reaper import MARKER_ENV, cluster_processes, sweep
 from caprl_cli.errors import UsageError
 
@@ -151,10 +151,10 @@ def ray_runs(tmp_path: Path):
 
 
 def engine_actor(run: RayRun) -> int:
-    """The pid of the run's engine actor (Ray names its process `ray::EngineHost...`)."""
+    """The pid of the run's engine actor (Ray names its process `ray::EngineActor...`)."""
     deadline = time.monotonic() + BOUND_S
     while time.monotonic() < deadline:
-        actors = [pid for pid, command in run.processes() if command.startswith("ray::EngineHost")]
+        actors = [pid for pid, command in run.processes() if command.startswith("ray::EngineActor")]
         if actors:
             return actors[0]
         time.sleep(0.1)
@@ -295,13 +295,6 @@ def test_engines_follow_the_cluster_gpus() -> None:
         place_engines(2, 3, 1)
     with pytest.raises(UsageError):
         place_engines(0, None, 2)
-
-
-def test_units_fill_an_engine_but_spread_a_small_run() -> None:
-    assert unit_size(None, 1, 256) == 64
-    assert unit_size(None, 1, 8) == 8
-    assert unit_size(10, 2, 8) == 2
-    assert unit_size(0, 2, 8) == 1
 
 
 def test_the_reaper_kills_only_the_clusters_processes(tmp_path: Path) -> None:

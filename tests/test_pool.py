@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -20,12 +21,19 @@ from caprl_cli.errors import ErrorKind, SampleError
 from caprl_cli.prepare.grid import Grid
 from caprl_cli.prepare.images import DEFAULT_MAX_IMAGE_PIXELS
 from caprl_cli.inputs.sample import Sample
-from caprl_cli.prepare.pool import CRASHED, Failed, Prepared, Preprocessor, prepare_sample, read_sample_bytes
+from caprl_cli.prepare.pool import CRASHED, DecodeSettings, Failed, Prepared, Preprocessor, prepare_sample, read_sample_bytes
 from caprl_cli.prepare.reading import read_capped
 from caprl_cli.prepare.workers import CRASH_ENV, HANG_ENV
 from caprl_cli.inputs.resolve import list_samples
 
 GRID = Grid(28)
+
+
+def make_pool(
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, workers: int = 1, window: int | None = None, **decode: Any
+) -> Preprocessor:
+    """A pool over GRID with the given decode settings."""
+    return Preprocessor(DecodeSettings(GRID, max_pixels, **decode), workers, window)
 
 
 
@@ -36,7 +44,7 @@ def _png(size=(64, 48), colour="red") -> bytes:
 
 
 def _run(samples: list[Sample], workers: int, window: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-    preprocessor = Preprocessor(GRID, max_pixels, workers=workers, window=window)
+    preprocessor = make_pool(max_pixels, workers=workers, window=window)
     try:
         return list(preprocessor.prepare(samples))
     finally:
@@ -91,8 +99,8 @@ def test_window_of_one(corpus) -> None:
 
 def test_default_window_scales_with_workers() -> None:
     """Without an explicit window, at least 16 and 8 per worker are in flight."""
-    assert Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=0).window == 16
-    pool = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=3)
+    assert make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=0).window == 16
+    pool = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=3)
     try:
         assert pool.window == 24
     finally:
@@ -108,7 +116,7 @@ def test_window_bounds_samples_pulled_ahead() -> None:
             pulled.append(i)
             yield Sample(key=f"{i:02d}.png", source="memory", data=_png())
 
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=1, window=4)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=1, window=4)
     try:
         outcomes = preprocessor.prepare(samples())
         first = next(outcomes)
@@ -136,14 +144,14 @@ def test_vanished_path_is_read_error(corpus, tmp_path: Path, workers: int) -> No
 
 def test_directory_path_is_read_error(tmp_path: Path) -> None:
     """A path that cannot be read as a file (a folder) is a READ failure, not a crash."""
-    outcome = prepare_sample(Sample(key="x.jpg", source=str(tmp_path), path=str(tmp_path)), GRID, 10**8)
+    outcome = prepare_sample(Sample(key="x.jpg", source=str(tmp_path), path=str(tmp_path)), DecodeSettings(GRID, 10**8))
     assert isinstance(outcome, Failed)
     assert outcome.kind is ErrorKind.READ
 
 
 def test_sample_without_bytes_or_path_is_read_error() -> None:
     """A sample with nothing to read is a READ failure."""
-    outcome = prepare_sample(Sample(key="x.jpg", source="nowhere"), GRID, 10**8)
+    outcome = prepare_sample(Sample(key="x.jpg", source="nowhere"), DecodeSettings(GRID, 10**8))
     assert isinstance(outcome, Failed)
     assert outcome.kind is ErrorKind.READ
 
@@ -259,7 +267,7 @@ def test_slow_image_does_not_hold_back_the_others(gated) -> None:
     server = gated("slow.png")
     slow = Sample(key="slow.png", source=server.url("slow.png"), path=server.url("slow.png"))
     others = _memory_samples(12)
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4)
     try:
         outcomes = preprocessor.prepare([slow, *others])
         first = [next(outcomes) for _ in others]
@@ -279,7 +287,7 @@ def test_worker_killed_mid_image_costs_nothing(gated) -> None:
     server = gated("victim.png")
     victim = Sample(key="victim.png", source=server.url("victim.png"), path=server.url("victim.png"))
     samples = [*_memory_samples(6), victim, *_memory_samples(12)[6:]]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=5)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=5)
 
     def kill_the_holder() -> None:
         if not server.requested.wait(HANG_GUARD_S):
@@ -308,7 +316,7 @@ def test_image_that_kills_its_worker_every_time_is_a_decode_row(monkeypatch: pyt
     crash; every other image is prepared, and the pool still works afterwards."""
     monkeypatch.setenv(CRASH_ENV, "boom")
     samples = [*_memory_samples(8), Sample(key="boom.png", source="memory", data=_png())]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4)
     try:
         outcomes = _by_key(preprocessor.prepare(samples))
         again = _by_key(preprocessor.prepare(_memory_samples(3)))
@@ -326,7 +334,7 @@ def test_hung_decode_is_a_timeout_row(monkeypatch: pytest.MonkeyPatch) -> None:
     is replaced and every other image is prepared."""
     monkeypatch.setenv(HANG_ENV, "stuck")
     samples = [Sample(key="stuck.png", source="memory", data=_png()), *_memory_samples(6)]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4, decode_timeout=1)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=2, window=4, decode_timeout=1)
     try:
         outcomes = _by_key(preprocessor.prepare(samples))
         again = _by_key(preprocessor.prepare(_memory_samples(3)))
@@ -343,7 +351,7 @@ def test_a_stop_ends_a_wait_on_a_hung_image(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(HANG_ENV, "stuck")
     stop = threading.Event()
     samples = [Sample(key="stuck.png", source="memory", data=_png()), *_memory_samples(2)]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=2, decode_timeout=HANG_GUARD_S)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=2, decode_timeout=HANG_GUARD_S)
     try:
         outcomes = preprocessor.prepare(samples, stop.is_set)
         first = [next(outcomes), next(outcomes)]
@@ -373,7 +381,7 @@ def test_a_long_wait_says_what_it_waits_for(gated) -> None:
     saved = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=1)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=1)
     preprocessor.wait_report_after_s = 0.2
     try:
         outcomes = list(preprocessor.prepare([slow]))
@@ -408,7 +416,7 @@ def test_max_image_bytes_applies_to_files_and_bytes(tmp_path: Path) -> None:
         Sample(key="a.png", source=str(path), path=str(path)),
         Sample(key="b.png", source="memory", data=data),
     ]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=1, max_image_bytes=len(data) - 1)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=1, max_image_bytes=len(data) - 1)
     try:
         outcomes = list(preprocessor.prepare(samples))
     finally:
@@ -444,7 +452,7 @@ def test_url_over_the_cap_is_too_large(serve_folder, tmp_path: Path) -> None:
     (tmp_path / "small.png").write_bytes(_png())
     base = serve_folder(tmp_path)
     samples = [Sample(key=name, source=f"{base}/{name}", path=f"{base}/{name}") for name in ("big.png", "small.png")]
-    preprocessor = Preprocessor(GRID, DEFAULT_MAX_IMAGE_PIXELS, workers=1, max_image_bytes=4000)
+    preprocessor = make_pool(DEFAULT_MAX_IMAGE_PIXELS, workers=1, max_image_bytes=4000)
     try:
         outcomes = _by_key(preprocessor.prepare(samples))
     finally:
@@ -457,6 +465,6 @@ def test_fifo_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
     """A FIFO named as an image is refused before it is opened (opening one waits for a writer)."""
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
-    outcome = prepare_sample(Sample(key="pipe.jpg", source=str(fifo), path=str(fifo)), GRID, 10**8)
+    outcome = prepare_sample(Sample(key="pipe.jpg", source=str(fifo), path=str(fifo)), DecodeSettings(GRID, 10**8))
     assert isinstance(outcome, Failed) and outcome.kind is ErrorKind.READ
     assert "FIFO" in outcome.message

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from caprl_cli.engines.base import ImageRequest
-from caprl_cli.execute.local import engine_spec, load_model
+from caprl_cli.execute.job import engine_spec, load_model
 from caprl_cli.settings import CaptionSettings
 
 pytestmark = pytest.mark.vllm

@@ -133,6 +133,12 @@ class Engine(ABC):
     """A loaded model that captions prepared images."""
 
     name: str = "engine"
+    # Requests the engine takes in before its first result comes out: what an executor keeps in its
+    # hands, so the engine never waits on the executor (vLLM: its batch and a queue beside it).
+    max_in_flight: int = 8
+    # How the prompt reached the model, when the engine does not feed `spec.prompt_text` itself (an
+    # HTTP server's template); recorded in provenance. None: the rendered CapRL prompt was used.
+    prompt_sent: dict[str, Any] | None = None
 
     @property
     @abstractmethod

@@ -109,6 +109,7 @@ class TransformersEngine(Engine):
         self.spec = spec
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
+        self.max_in_flight = self.batch_size
         self.processor = AutoProcessor.from_pretrained(spec.model_path)
         self.processor.tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(

@@ -1,10 +1,10 @@
 """Units of work shared out among several engines: the scheduling both multi-engine executors share.
 
-`execute.multi` (engine worker processes and pipes) and `execute.ray_executor` (Ray actors and object
-refs) differ in how they start engines, send them work and hear back. What they hand out, to whom,
-and what becomes of the images of an engine that dies is the same, and lives here, so the two cannot
-drift apart:
+The fleet loop (`execute.fleet`) hands these out, whatever transport reaches its engines. What is
+handed out, to whom, and what becomes of the images of an engine that dies lives here, pure Python,
+testable without any engine:
 
+- `unit_size`: how many samples a unit holds;
 - `UnitQueue`: the plan's samples cut into units as engines ask; units given back by engines that
   ended; suspects (images a dead engine held), which run alone and are split in halves each time they
   kill an engine again, until one image alone becomes an `engine` error row; and which engine holds
@@ -17,6 +17,7 @@ drift apart:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from caprl_cli.errors import EngineStartError, ErrorKind, SampleError
-from caprl_cli.execute.local import RowSink, failed_row
+from caprl_cli.execute.stream import Sink, failed_row
 from caprl_cli.execute.progress import LOG_INTERVAL_S
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.outputs.rows import Row, all_output_tokens, error_kind_of
@@ -37,6 +38,16 @@ log = logging.getLogger("caprl")
 MAX_FAILURES = 3  # deaths in a row, without a row in between, that take an engine out of the run
 STOP_GRACE_S = 30.0  # how long engines told to end or stop may take to hand in their last rows
 _BACKOFF_CAP_S = 30.0
+MAX_UNIT_SIZE = 32
+
+
+def unit_size(total: int | None, engines: int) -> int:
+    """Samples per unit: small enough that every engine gets several units of a small run (so none
+    waits on a straggler's share), at most MAX_UNIT_SIZE. An engine is kept supplied with its appetite
+    plus one unit, so the unit size never limits how many requests an engine has in flight."""
+    if total is None:
+        return MAX_UNIT_SIZE
+    return max(1, min(MAX_UNIT_SIZE, math.ceil(total / (4 * max(engines, 1)))))
 
 
 @dataclass
@@ -53,7 +64,7 @@ class UnitQueue:
     """The units of one run and who holds each key (see the module doc). A holder is whatever the
     executor keeps per engine (its slot); only its identity matters here."""
 
-    def __init__(self, samples: Iterator[Sample], settings: CaptionSettings, sink: RowSink, unit_size: int) -> None:
+    def __init__(self, samples: Iterator[Sample], settings: CaptionSettings, sink: Sink, unit_size: int) -> None:
         self.samples = samples
         self.settings = settings
         self.sink = sink
@@ -244,7 +255,7 @@ def restart_delay(failures: int) -> float:
     return 0.0 if failures <= 0 else min(_BACKOFF_CAP_S, 2.0 ** (failures - 1))
 
 
-def count_death(slot: EngineSeat, label: str, why: str, image_fault: bool) -> bool:
+def count_death(slot: EngineSeat, label: str, why: str, image_fault: bool, now: float) -> bool:
     """Count an engine's death; True when it is to start again (at `slot.start_at`), False when it
     failed MAX_FAILURES times in a row without a row and is to be left out of the run. A death while
     it ran a suspect alone is the image's fault, not the engine's: it does not count towards that."""
@@ -260,7 +271,7 @@ def count_death(slot: EngineSeat, label: str, why: str, image_fault: bool) -> bo
         )
         return False
     delay = restart_delay(slot.failures)
-    slot.start_at = time.monotonic() + delay
+    slot.start_at = now + delay
     log.warning("%s died (%s); starting it again in %.0fs", label, why, delay)
     return True
 

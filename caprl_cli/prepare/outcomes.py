@@ -43,9 +43,14 @@ class Failed:
 Outcome = Prepared | Failed
 
 
+DEFAULT_DECODE_TIMEOUT = 120.0
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
-    """Everything a decode worker needs besides the sample; sent once to each worker at its start."""
+    """How every image of a run is read and prepared: the same object in this process, in an engine
+    worker and in a Ray actor, so no executor can prepare images differently. Sent once to each decode
+    worker at its start; `decode_timeout` is the pool's, enforced around a worker, never inside it."""
 
     grid: Grid
     max_image_pixels: int
@@ -53,46 +58,26 @@ class DecodeSettings:
     storage_options: StorageOptions | None = None
     retries: int = DEFAULT_RETRIES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT
 
 
-def prepare_sample(
-    sample: Sample,
-    grid: Grid,
-    max_image_pixels: int,
-    keep_bytes: bool = False,
-    storage_options: StorageOptions | None = None,
-    retries: int = DEFAULT_RETRIES,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> Outcome:
+def prepare_sample(sample: Sample, settings: DecodeSettings) -> Outcome:
     """Read, decode and resize one sample; any failure becomes `Failed`.
 
-    The encoded bytes come back with the result only when `keep_bytes` (WebDataset output stores the
-    original image); otherwise they are dropped here so they never cross back to the parent.
+    The encoded bytes come back with the result only when `settings.keep_bytes` (WebDataset output
+    stores the original image); otherwise they are dropped here so they never cross back to the parent.
     """
     if sample.error_kind is not None:
         return Failed(sample, sample.error_kind, sample.error_message or "")
     try:
-        data = read_sample_bytes(sample, storage_options, retries, max_image_bytes)
-        pixels = prepare_image(data, grid, max_image_pixels)
+        data = read_sample_bytes(sample, settings.storage_options, settings.retries, settings.max_image_bytes)
+        pixels = prepare_image(data, settings.grid, settings.max_image_pixels)
     except SampleError as exc:
         return Failed(without_bytes(sample), exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one row, not the run
         return Failed(without_bytes(sample), ErrorKind.DECODE, f"{type(exc).__name__}: {exc}")
-    kept = replace(sample, data=data) if keep_bytes else without_bytes(sample)
+    kept = replace(sample, data=data) if settings.keep_bytes else without_bytes(sample)
     return Prepared(kept, pixels.image, pixels.width, pixels.height)
-
-
-def prepare_with(sample: Sample, settings: DecodeSettings) -> Outcome:
-    """`prepare_sample` with a worker's settings."""
-    return prepare_sample(
-        sample,
-        settings.grid,
-        settings.max_image_pixels,
-        settings.keep_bytes,
-        settings.storage_options,
-        settings.retries,
-        settings.max_image_bytes,
-    )
 
 
 def without_bytes(sample: Sample) -> Sample:

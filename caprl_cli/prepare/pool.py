@@ -26,27 +26,33 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
 from caprl_cli.errors import DecodeWorkersError, ErrorKind
-from caprl_cli.inputs.retry import DEFAULT_RETRIES
-from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, Sample
-from caprl_cli.prepare.grid import Grid
+from caprl_cli.inputs.sample import Sample
 from caprl_cli.prepare.outcomes import (
+    DEFAULT_DECODE_TIMEOUT,
     DecodeSettings,
     Failed,
     Outcome,
     Prepared,
     prepare_sample,
-    prepare_with,
     without_bytes,
 )
 from caprl_cli.prepare.reading import read_sample_bytes
 from caprl_cli.prepare.workers import READY, DecodeWorker
-from caprl_cli.storage import StorageOptions, is_process_local
+from caprl_cli.storage import is_process_local
 
-__all__ = ["Failed", "Outcome", "Prepared", "Preprocessor", "prepare_sample", "read_sample_bytes"]
+__all__ = [
+    "DEFAULT_DECODE_TIMEOUT",
+    "DecodeSettings",
+    "Failed",
+    "Outcome",
+    "Prepared",
+    "Preprocessor",
+    "prepare_sample",
+    "read_sample_bytes",
+]
 
 log = logging.getLogger("caprl")
 
-DEFAULT_DECODE_TIMEOUT = 120.0
 CRASHED = "the image decoder crashed on this file"
 CRASHES_ALLOWED = 1  # an image that kills a worker once is tried again; twice, it is an error row
 START_FAILURES_ALLOWED = 5  # workers in a row that die before they ever start: the environment is broken
@@ -60,22 +66,11 @@ class Preprocessor:
     """Prepares samples with `workers` processes (0: in the calling process, with no timeout and no
     isolation from a crashing decoder)."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        max_image_pixels: int,
-        workers: int,
-        window: int | None = None,
-        keep_bytes: bool = False,
-        storage_options: StorageOptions | None = None,
-        retries: int = DEFAULT_RETRIES,
-        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
-        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    ) -> None:
-        self.settings = DecodeSettings(grid, max_image_pixels, keep_bytes, storage_options, retries, max_image_bytes)
+    def __init__(self, settings: DecodeSettings, workers: int, window: int | None = None) -> None:
+        self.settings = settings
         self.workers = workers
         self.window = window or max(16, 8 * workers)
-        self.decode_timeout = decode_timeout
+        self.decode_timeout = settings.decode_timeout
         self.wait_report_after_s = WAIT_REPORT_AFTER_S
         self._context = multiprocessing.get_context("spawn")
         self._pool: list[DecodeWorker] = [DecodeWorker(self._context, self.settings) for _ in range(workers)]
@@ -91,7 +86,7 @@ class Preprocessor:
         `samples` and not yet yielded. Ends early, leaving the rest, once `should_stop()` is true."""
         if not self._pool:
             for sample in samples:
-                yield prepare_with(sample, self.settings)
+                yield prepare_sample(sample, self.settings)
             return
         source = iter(samples)
         backlog: deque[Sample] = deque()  # taken from `samples`, not yet handed to a worker
@@ -104,7 +99,7 @@ class Preprocessor:
                     if sample is None:
                         exhausted = True
                     elif self._in_parent(sample):
-                        yield prepare_with(sample, self.settings)
+                        yield prepare_sample(sample, self.settings)
                     else:
                         backlog.append(sample)
                         outstanding += 1

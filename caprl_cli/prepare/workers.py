@@ -30,7 +30,7 @@ from multiprocessing.context import SpawnContext
 
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
-from caprl_cli.prepare.outcomes import DecodeSettings, Failed, Outcome, prepare_with, without_bytes
+from caprl_cli.prepare.outcomes import DecodeSettings, Failed, Outcome, prepare_sample, without_bytes
 
 CRASH_ENV = "CAPRL_TEST_DECODER_CRASH"
 HANG_ENV = "CAPRL_TEST_DECODER_HANG"
@@ -116,7 +116,7 @@ def worker_main(conn: Connection, settings: DecodeSettings, parent_pid: int) -> 
         if hang_on is not None and hang_on in sample.key:
             while True:
                 time.sleep(3600)
-        _send(conn, prepare_with(sample, settings))
+        _send(conn, prepare_sample(sample, settings))
 
 
 def _send(conn: Connection, outcome: Outcome) -> None:
