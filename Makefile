@@ -12,7 +12,7 @@ DEMO_DIR := build/demo
 # Keep vLLM's CPU KV cache small and never reach for a model hub in tests and the demo.
 CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1
 
-.PHONY: test venv demo bench clean
+.PHONY: test unit venv demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt Makefile
 
 test: venv
 	$(CPU_ENV) $(PY) -m pytest -q
+
+# The fast unit tier for the inner loop: everything but the end-to-end tests (under 3 minutes).
+unit: venv
+	$(CPU_ENV) $(PY) -m pytest -q -m "not e2e"
 
 # The throughput benchmark (bench/README.md): seven contenders on the tiny model, ~10 min on 2 cores.
 # Never part of `make test`.

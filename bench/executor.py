@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""The multi-engine executor measured on its own: can the parent feed a big box, and do engines scale?
+"""The multi-engine executor measured on its own: can the driver feed a big box, and do engines scale?
 
 Two figures, each from real runs of `caprl_cli.runner.run_caption` (the code path of
-`caprl caption ... --num-engines N`: planning, the parent's queue, engine worker processes started by
-`execute.fleet` over `execute.process`, committed parts, the final merge):
+`caprl caption ... --num-engines N`: planning, the driver's queue, the fleet loop, committed parts,
+the final merge):
 
-1. **Routing ceiling.** Images/s through the parent when engines cost nothing: a stand-in engine
-   defined here (`InstantEngine`) returns a fixed caption for every image at once, on small
-   pre-resized images, so what is left is planning, handing out units, rows over the pipes, committing
-   parts and merging. Target: at least 2,000 images/s (8 GPUs at 30 images/s each are far from it).
+1. **Routing ceiling, per transport.** Images/s through the driver when engines cost nothing: a
+   stand-in engine defined here (`InstantEngine`) returns a fixed caption for every image at once, on
+   small pre-resized images, so what is left is planning, handing out units, rows coming back, committing
+   parts and merging. Measured side by side, over the same stand-in engines and images, for both
+   transports of the fleet loop: engine worker processes over pipes (`--executor local`) and Ray actors
+   on a local Ray cluster (`--executor ray`), with their ratio. Target: at least 2,000 images/s for
+   each (8 GPUs at 30 images/s each are far from it).
 2. **Scaling efficiency.** The same images captioned by the transformers engine with the tiny random
    Qwen2.5-VL, by 2 engines each held to one core (`os.sched_setaffinity` in its worker, one torch
    thread) against 1 engine held to one core. Target: at least 1.8x.
 
-The stand-in engines reach the workers through `caprl_cli.engines.EXTRA_ENGINES`, filled when this
-module is imported: in this process, and in every engine worker, because workers are started with the
-`spawn` method, which imports the main script of the parent (as `__mp_main__`) before running the
-worker. No CLI option exists for them.
+The stand-in engines are named `executor:<factory>` (`caprl_cli.engines.load_engine` imports a
+`module:factory` engine where the engine runs): this folder is on the PYTHONPATH of every measured run,
+so engine worker processes and Ray actors alike import them from here. No CLI option exists for them.
 
 Each measurement runs in a fresh interpreter (this script calls itself with `--phase`), so pinning one
 run to a core never touches another. Results are printed as JSON with the machine's details.
@@ -39,15 +41,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from caprl_cli.engines import EXTRA_ENGINES
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, ImageRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 from tiny_model import build_tiny_model  # noqa: E402  (bench/ is the script's own folder on sys.path)
 
-INSTANT = "bench-instant"
-ONE_CORE_TRANSFORMERS = "bench-transformers-one-core"
+INSTANT = "executor:InstantEngine"
+ONE_CORE_TRANSFORMERS = "executor:one_core_transformers"
 ROUTING_TARGET = 2000.0
 SCALING_TARGET = 1.8
 
@@ -56,7 +57,7 @@ class InstantEngine(Engine):
     """A stand-in engine that captions every image at once with the same words: the executor's cost
     is then all there is."""
 
-    name = INSTANT
+    name = "bench-instant"
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
@@ -97,11 +98,6 @@ def one_core_transformers(spec: EngineSpec) -> Engine:
     return TransformersEngine(spec)
 
 
-# Runs in this process and, through `spawn`'s import of the main script, in every engine worker.
-EXTRA_ENGINES[INSTANT] = InstantEngine
-EXTRA_ENGINES[ONE_CORE_TRANSFORMERS] = one_core_transformers
-
-
 # -- inputs --------------------------------------------------------------------------------------------
 
 
@@ -140,6 +136,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         workers=args.workers,
         num_engines=args.engines,
+        executor=args.executor,
         flush_every=args.flush_every,
         progress=False,
         overwrite=True,
@@ -153,6 +150,7 @@ def run_phase(args: argparse.Namespace) -> dict:
     if rows != args.expect or run["ok"] != args.expect:
         raise SystemExit(f"expected {args.expect} ok rows, the output holds {rows} ({run['ok']} ok)")
     return {
+        "executor": args.executor,
         "engines": args.engines,
         "images": run["images"],
         "wall_s": round(wall, 3),
@@ -173,21 +171,22 @@ def _row_count(output: Path) -> int:
 
 def measure(
     images: Path, model: Path, work: Path, name: str, engine: str, engines: int, count: int,
-    args: argparse.Namespace, pin_process: int | None = None, batch_size: int | None = None,
+    args: argparse.Namespace, pin_process: int | None = None, batch_size: int | None = None, executor: str = "local",
 ) -> dict:
     """Run one phase in its own interpreter and return what it printed."""
     command = [
         sys.executable, str(Path(__file__).resolve()), "--phase",
         "--images", str(images), "--model", str(model), "--output", str(work / name / "out.parquet"),
         "--engine", engine, "--engines", str(engines), "--workers", "0", "--expect", str(count),
-        "--max-tokens", str(args.max_tokens), "--flush-every", str(args.flush_every),
+        "--max-tokens", str(args.max_tokens), "--flush-every", str(args.flush_every), "--executor", executor,
     ]
     if batch_size is not None:
         command += ["--batch-size", str(batch_size)]
     if pin_process is not None:
         command += ["--pin-process", str(pin_process)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     (work / name).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure: say how much there was
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
@@ -240,9 +239,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="kept; default: a temp dir, deleted")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--skip", choices=("routing", "scaling"), action="append", default=[])
+    parser.add_argument(
+        "--transports", nargs="+", choices=("local", "ray"), default=["local", "ray"],
+        help="the executors whose routing ceiling is measured, side by side",
+    )
     # A single measurement, run by this script in a fresh interpreter:
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--images", "--model", "--output", "--engine"):
+    for name in ("--images", "--model", "--output", "--engine", "--executor"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     for name in ("--engines", "--workers", "--expect", "--batch-size", "--pin-process"):
         parser.add_argument(name, type=int, default=None, help=argparse.SUPPRESS)
@@ -259,13 +262,23 @@ def main() -> None:
         if "routing" not in args.skip:
             count = args.routing_images
             images = make_images(work / "routing-images", count, 56)
-            run = measure(images, model, work, "routing", INSTANT, args.routing_engines, count, args, batch_size=64)
+            runs = {
+                executor: measure(
+                    images, model, work, f"routing-{executor}", INSTANT, args.routing_engines, count, args,
+                    batch_size=64, executor=executor,
+                )
+                for executor in args.transports
+            }
             result["routing"] = {
                 "what": f"{count} pre-resized 56x56 JPEGs, stand-in engine that answers at once, "
-                f"{args.routing_engines} engine workers decoding in their own process",
+                f"{args.routing_engines} engines decoding in their own process, per transport",
                 "target_images_per_s": ROUTING_TARGET,
-                **run,
+                **runs,
             }
+            if {"local", "ray"} <= set(runs):
+                result["routing"]["ray_over_local"] = round(
+                    runs["ray"]["images_per_s_captioning"] / runs["local"]["images_per_s_captioning"], 2
+                )
         if "scaling" not in args.skip:
             count = args.scaling_images
             images = make_images(work / "scaling-images", count, 224)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import build_corpus  # noqa: E402
+from executors import tagged_runs  # noqa: E402,F401 (a fixture for every test module)
 
 # Engines on a CPU test machine: small KV cache, never reach for a hub.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -124,3 +125,17 @@ def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random transformers-native InternVL3.5 (CapRL-InternVL3.5's architecture: tiles), built once."""
     return _load_tiny_model_builder().build_internvl(tmp_path_factory.mktemp("models") / "tiny-internvl")
+
+
+# Fixtures that mean a test runs real parts end to end: the CLI in a subprocess, a model, a cluster.
+END_TO_END_FIXTURES = {"tiny_model", "tiny_qwen3_vl", "tiny_internvl", "run_caprl", "tagged_runs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the end-to-end tests `e2e` (modules named test_e2e_*, and any test that runs the CLI, a
+    model or a cluster), so `pytest -m "not e2e"` (`make unit`) is the fast unit tier."""
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__ if module is not None else ""
+        if name.startswith("test_e2e_") or END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

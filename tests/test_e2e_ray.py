@@ -1,12 +1,12 @@
-"""`--executor ray` end to end: the real CLI on a local Ray cluster the run starts itself, with real
-actors killed with SIGKILL, a real SIGTERM to the driver, and a real SIGKILL of the driver.
+"""`--executor ray` end to end, where Ray differs from the local executor: the real CLI on a local Ray
+cluster the run starts itself, with shards, a real SIGKILL of an actor and of the driver, the vLLM
+CPU engine in an actor, and the user mistakes. What every executor shares (killed and frozen engines,
+decode faults, slow URLs, WebDataset, signals, --max-runtime) is in test_e2e_executors.py, under Ray
+too; a cluster of several nodes that loses one is in test_e2e_ray_nodes.py.
 
-Every run is tagged with an environment variable of its own (`CAPRL_TEST_RAY_TAG`), which every Ray
-process it starts inherits, and a temporary folder of its own (TMPDIR, where its Ray cluster keeps its
-files and logs; Ray's Python processes rename themselves, which hides their environment, but keep
-their logs there open), so "no Ray process of the run is left" is checked for that run alone and never
-confused by other tests' processes. A moment mid-run is found by a pause point (`rows.first`,
-the driver's first row), never by sleeping.
+Runs are tagged so that "no Ray process of the run is left" is checked for that run alone (see
+`executors.py`). A moment mid-run is found by a pause point (`rows.first`, the driver's first row),
+never by sleeping.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_shard
+from conftest import write_shard
 from contract import read_rows
+from executors import BOUND_S, StartRun, TaggedRun
 from PIL import Image
 
 from caprl_cli.execute.ray_transport import place_engines
@@ -36,8 +35,6 @@ pytest.importorskip("ray")
 
 FAST = ("--engine", "transformers", "--max-tokens", "6", "--batch-size", "1", "--no-progress", "--executor", "ray")
 IMAGES = 10
-BOUND_S = 300.0  # generous bound on any wait for an event; never an assertion on speed
-TAG = "CAPRL_TEST_RAY_TAG"
 
 
 def make_images(folder: Path, count: int = IMAGES) -> list[str]:
@@ -54,103 +51,17 @@ def jpeg(number: int) -> bytes:
     return buffer.getvalue()
 
 
-def _opened_under(entry: Path, folder: str) -> bool:
-    try:
-        return any(os.readlink(fd).startswith(folder + "/") for fd in (entry / "fd").iterdir())
-    except OSError:
-        return False
-
-
-def tagged_processes(tag: str, folder: str) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process started with CAPRL_TEST_RAY_TAG=<tag> or holding a
-    file open under `folder`."""
-    needle = f"{TAG}={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0") and not _opened_under(entry, folder):
-                continue
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found.append((int(entry.name), command))
-    return found
-
-
-def ray_processes_left(run: RayRun) -> list[tuple[int, str]]:
-    """Processes of the run other than its driver (gone or not), after a grace for exits under way."""
-    deadline = time.monotonic() + 30
-    while True:
-        left = [(pid, command) for pid, command in run.processes() if pid != run.process.pid]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
-class RayRun:
-    """A tagged `caprl caption --executor ray` process, optionally held at a pause point."""
-
-    def __init__(self, args: list[str | Path], tmp_path: Path, pause_at: str | None = None, **env: str) -> None:
-        self.tag = uuid.uuid4().hex
-        self.ready = tmp_path / f"ready-{self.tag}"
-        self.tmp = tempfile.mkdtemp(prefix="crt", dir="/tmp")  # short: Ray's socket paths must fit
-        extra = {TAG: self.tag, "TMPDIR": self.tmp, **env}
-        if pause_at:
-            extra.update(CAPRL_PAUSE_AT=pause_at, CAPRL_PAUSE_FILE=str(self.ready))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "caprl_cli", "caption", *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **extra},
-        )
-
-    def processes(self) -> list[tuple[int, str]]:
-        return tagged_processes(self.tag, self.tmp)
-
-    def wait_paused(self) -> None:
-        deadline = time.monotonic() + BOUND_S
-        while not self.ready.exists():
-            assert self.process.poll() is None, f"the run ended before its pause point: {self.process.communicate()}"
-            assert time.monotonic() < deadline, "the run never reached its pause point"
-            time.sleep(0.05)
-
-    def release(self) -> None:
-        self.ready.unlink()
-
-    def finish(self) -> tuple[int, str]:
-        _, stderr = self.process.communicate(timeout=BOUND_S)
-        return self.process.returncode, stderr
-
-    def cleanup(self) -> None:
-        """Whatever happened, leave no process of this run behind."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
-        for pid, _ in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 @pytest.fixture
-def ray_runs(tmp_path: Path):
-    started: list[RayRun] = []
-
-    def start(*args: str | Path, pause_at: str | None = None, **env: str) -> RayRun:
-        run = RayRun(list(args), tmp_path, pause_at, **env)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        run.cleanup()
+def ray_runs(tagged_runs: StartRun) -> StartRun:
+    """Start tagged `caprl caption` runs (see `executors.py`)."""
+    return lambda *args, **options: tagged_runs("caption", *args, **options)
 
 
-def engine_actor(run: RayRun) -> int:
+def ray_processes_left(run: TaggedRun) -> list[tuple[int, str]]:
+    return run.left_behind()
+
+
+def engine_actor(run: TaggedRun) -> int:
     """The pid of the run's engine actor (Ray names its process `ray::EngineActor...`)."""
     deadline = time.monotonic() + BOUND_S
     while time.monotonic() < deadline:
@@ -198,35 +109,6 @@ def test_shards_on_ray_survive_a_killed_engine_actor(tiny_model: Path, tmp_path:
     engines = json.loads(Path(f"{output}.summary.json").read_text())["run"]["engines"]
     assert engines[0]["restarts"] >= 1
     assert ray_processes_left(run) == []
-
-
-def test_sigterm_drains_then_a_resume_on_ray_completes(tiny_model: Path, tmp_path: Path, ray_runs, run_caprl) -> None:
-    """A folder on a local Ray: SIGTERM to the driver mid-run commits what was finished and exits
-    143 leaving no Ray process; the same command then completes with every key once."""
-    names = make_images(tmp_path / "images")
-    output = tmp_path / "out.parquet"
-    args = [tmp_path / "images", "-o", output, "--model", tiny_model, *FAST]
-    run = ray_runs(*args, pause_at="rows.first", CAPRL_TEST_ENGINE_DELAY="*:0.3")
-    run.wait_paused()
-    run.process.send_signal(signal.SIGTERM)
-    run.release()
-    code, stderr = run.finish()
-    assert code == 143, stderr
-    assert "Traceback" not in stderr
-    done = [row["key"] for row in read_rows(output)]
-    assert 1 <= len(done) < len(names) and len(set(done)) == len(done)
-    assert ray_processes_left(run) == []
-
-    rest = ray_runs(*args)
-    code, stderr = rest.finish()
-    assert code == 0, stderr
-    rows = keys_once(read_rows(output))
-    assert sorted(rows) == names
-    assert all(row["status"] == "ok" for row in rows.values())
-    assert ray_processes_left(rest) == []
-    status = run_caprl("status", output, tmp_path / "images", "--json")
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["done"] == len(names)
 
 
 def test_a_killed_driver_leaves_no_ray_process(tiny_model: Path, tmp_path: Path, ray_runs) -> None:

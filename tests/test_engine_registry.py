@@ -1,5 +1,5 @@
-"""Engines a program adds by name (the seam bench/executor.py uses), and where the transformers engine
-says its weights are."""
+"""Engines a program adds by `module:factory` name (the seam bench/executor.py uses), and where the
+transformers engine says its weights are."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from caprl_cli.engines import EXTRA_ENGINES, load_engine
+from caprl_cli.engines import load_engine
 from caprl_cli.engines.base import Caption, Engine, EngineSpec, Sampling
 
 
@@ -32,21 +32,16 @@ class FixedEngine(Engine):
 SPEC = EngineSpec("/nowhere", "prompt", Sampling(4, 1.0, 1.0, 0), 3136, 3136)
 
 
-@pytest.fixture
-def registered() -> Iterator[None]:
-    EXTRA_ENGINES["fixed"] = FixedEngine
-    yield
-    del EXTRA_ENGINES["fixed"]
-
-
-def test_an_added_engine_is_loaded_by_name(registered: None) -> None:
-    engine = load_engine("fixed", SPEC)
-    assert isinstance(engine, FixedEngine) and engine.spec is SPEC
+def test_an_added_engine_is_loaded_by_its_module_and_factory() -> None:
+    engine = load_engine(f"{__name__}:FixedEngine", SPEC)
+    assert type(engine).__name__ == "FixedEngine" and engine.spec is SPEC
 
 
 def test_an_unknown_engine_is_still_refused() -> None:
     with pytest.raises(ValueError, match="unknown engine"):
         load_engine("fixed", SPEC)
+    with pytest.raises(AttributeError):
+        load_engine(f"{__name__}:NoSuchEngine", SPEC)
 
 
 def test_the_transformers_engine_names_the_device_its_weights_are_on() -> None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
 from caprl_cli.engines.base import Engine, EngineSpec
 from caprl_cli.errors import CaprlError, EngineStartError
 
-# Engines beyond the built-in ones, by name: not reachable from the CLI (whose --engine choices are
-# fixed), but a program driving `runner.run_caption` can add one, e.g. the stand-in engine with which
-# bench/executor.py measures the executor alone. An engine worker process must register it too.
-EXTRA_ENGINES: dict[str, Callable[[EngineSpec], Engine]] = {}
-
 
 def load_engine(name: str, spec: EngineSpec) -> Engine:
-    """Start the engine called `name`; heavy imports happen only here."""
-    if name in EXTRA_ENGINES:
-        return EXTRA_ENGINES[name](spec)
+    """Start the engine called `name`; heavy imports happen only here.
+
+    Besides the built-in engines, `name` may be `module:factory` (a callable taking the spec): an engine
+    a program driving `runner.run_caption` adds, such as the stand-in engines with which
+    bench/executor.py measures the executor alone. It is imported by name where the engine runs (this
+    process, an engine worker, a Ray actor on another node), so it reaches every transport alike. The
+    CLI's --engine choices never name one.
+    """
+    if ":" in name:
+        module, _, factory = name.partition(":")
+        return getattr(importlib.import_module(module), factory)(spec)
     if name == "vllm":
         from caprl_cli.engines.vllm_engine import VllmEngine
 

@@ -1,0 +1,173 @@
+"""Running the real CLI under each executor, and finding the processes of one run.
+
+Every run started here is tagged with an environment variable of its own (`CAPRL_TEST_RAY_TAG`), which
+every process it starts inherits (engine workers, decode workers, a local Ray cluster and its actors),
+and a temporary folder of its own (TMPDIR, where a local Ray cluster keeps its files and logs; Ray's
+Python processes rename themselves, which can hide their environment, but keep their logs there open).
+So "no process of the run is left" is checked for that run alone, never confused by other tests'
+processes. A moment mid-run is found by an event (a pause point, a committed part), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TAG = "CAPRL_TEST_RAY_TAG"
+BOUND_S = 300.0  # generous bound on any wait for an event; never an assertion on speed
+
+
+@dataclass(frozen=True)
+class Executor:
+    """One way to run the engines, as the CLI is told to use it."""
+
+    name: str
+    args: tuple[str, ...]
+
+    def engine_pids(self, run: TaggedRun) -> list[int]:
+        """The run's live engine hosts: engine worker processes (in engine order), or Ray actors."""
+        if self.name == "ray":
+            return [pid for pid, command in run.processes() if command.startswith("ray::EngineActor")]
+        workers = engine_workers(run.process.pid)
+        return [workers[name] for name in sorted(workers)]
+
+
+EXECUTORS = (Executor("local", ()), Executor("ray", ("--executor", "ray")))
+
+
+def engine_workers(parent: int) -> dict[str, int]:
+    """`caprl engine <n>` -> pid, among the children of `parent` (found through /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and comm.startswith("caprl engine"):
+            found[comm] = int(entry.name)
+    return found
+
+
+def _opened_under(entry: Path, folder: str) -> bool:
+    try:
+        return any(os.readlink(fd).startswith(folder + "/") for fd in (entry / "fd").iterdir())
+    except OSError:
+        return False
+
+
+def tagged_processes(tag: str, folder: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process started with CAPRL_TEST_RAY_TAG=<tag> or holding a
+    file open under `folder`."""
+    needle = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0") and not _opened_under(entry, folder):
+                continue
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append((int(entry.name), command))
+    return found
+
+
+def wait_until(condition: Callable[[], object], process: subprocess.Popen, timeout: float = BOUND_S) -> object:
+    """Poll `condition` until it holds; fails if the run ends first (the event never came)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert process.poll() is None, f"the run ended before the event: {process.communicate()[1]}"
+        time.sleep(0.05)
+    raise AssertionError("the event did not come")
+
+
+class TaggedRun:
+    """A tagged `caprl` process (see the module doc), optionally held at a pause point."""
+
+    def __init__(self, args: list[str | Path], tmp_path: Path, pause_at: str | None = None, **env: str) -> None:
+        self.tag = uuid.uuid4().hex
+        self.ready = tmp_path / f"ready-{self.tag}"
+        self.tmp = tempfile.mkdtemp(prefix="crt", dir="/tmp")  # short: Ray's socket paths must fit
+        extra = {TAG: self.tag, "TMPDIR": self.tmp, **env}
+        if pause_at:
+            extra.update(CAPRL_PAUSE_AT=pause_at, CAPRL_PAUSE_FILE=str(self.ready))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "caprl_cli", *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **extra},
+        )
+
+    def processes(self) -> list[tuple[int, str]]:
+        return tagged_processes(self.tag, self.tmp)
+
+    def wait_paused(self) -> None:
+        wait_until(self.ready.exists, self.process)
+
+    def release(self) -> None:
+        self.ready.unlink()
+
+    def finish(self) -> tuple[int, str]:
+        _, stderr = self.process.communicate(timeout=BOUND_S * 2)
+        return self.process.returncode, stderr
+
+    def left_behind(self) -> list[tuple[int, str]]:
+        """Processes of the run other than its driver, once the run ended (after a grace for exits
+        under way)."""
+        deadline = time.monotonic() + 30
+        while True:
+            left = [(pid, command) for pid, command in self.processes() if pid != self.process.pid]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+    def cleanup(self) -> None:
+        """Whatever happened, leave no process of this run behind."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+        for pid, _ in self.processes():
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+StartRun = Callable[..., TaggedRun]
+
+
+@pytest.fixture
+def tagged_runs(tmp_path: Path) -> Iterator[StartRun]:
+    """Start tagged `caprl` runs: `start(*args, pause_at=None, **env)`; all are cleaned up afterwards."""
+    started: list[TaggedRun] = []
+
+    def start(*args: str | Path, pause_at: str | None = None, **env: str) -> TaggedRun:
+        run = TaggedRun(list(args), tmp_path, pause_at, **env)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.cleanup()
