@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import build_corpus  # noqa: E402
+from ray_nodes import RayNodes  # noqa: E402
+from ray_nodes import ray_nodes as cluster_of_nodes  # noqa: E402
 
 # Engines on a CPU test machine: small KV cache, never reach for a hub.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -124,3 +126,14 @@ def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random transformers-native InternVL3.5 (CapRL-InternVL3.5's architecture: tiles), built once."""
     return _load_tiny_model_builder().build_internvl(tmp_path_factory.mktemp("models") / "tiny-internvl")
+
+
+@pytest.fixture(scope="module")
+def ray_nodes() -> Iterator[RayNodes]:
+    """A real Ray cluster on this machine, shared by the tests of one module: a token-authenticated
+    head with one CPU (`ray_nodes.RayNodes`); a test adds the nodes it needs (`add_node`, each with
+    its own CPUs and resource) and may kill them (`kill_node`). Every process of it is gone afterwards."""
+    pytest.importorskip("ray")
+    with cluster_of_nodes() as cluster:
+        cluster.start(num_cpus=1)
+        yield cluster
