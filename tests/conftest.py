@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import build_corpus  # noqa: E402
 from executors import tagged_runs  # noqa: E402,F401 (a fixture for every test module)
+from ray_nodes import RayNodes  # noqa: E402
+from ray_nodes import ray_nodes as cluster_of_nodes  # noqa: E402
 
 # Engines on a CPU test machine: small KV cache, never reach for a hub.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -127,8 +129,19 @@ def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _load_tiny_model_builder().build_internvl(tmp_path_factory.mktemp("models") / "tiny-internvl")
 
 
+@pytest.fixture(scope="module")
+def ray_nodes() -> Iterator[RayNodes]:
+    """A real Ray cluster on this machine, shared by the tests of one module: a token-authenticated
+    head with one CPU (`ray_nodes.RayNodes`); a test adds the nodes it needs (`add_node`, each with
+    its own CPUs and resource) and may kill them (`kill_node`). Every process of it is gone afterwards."""
+    pytest.importorskip("ray")
+    with cluster_of_nodes() as cluster:
+        cluster.start(num_cpus=1)
+        yield cluster
+
+
 # Fixtures that mean a test runs real parts end to end: the CLI in a subprocess, a model, a cluster.
-END_TO_END_FIXTURES = {"tiny_model", "tiny_qwen3_vl", "tiny_internvl", "run_caprl", "tagged_runs"}
+END_TO_END_FIXTURES = {"tiny_model", "tiny_qwen3_vl", "tiny_internvl", "run_caprl", "tagged_runs", "ray_nodes"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
