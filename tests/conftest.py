@@ -145,10 +145,11 @@ END_TO_END_FIXTURES = {"tiny_model", "tiny_qwen3_vl", "tiny_internvl", "run_capr
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the end-to-end tests `e2e` (modules named test_e2e_*, and any test that runs the CLI, a
-    model or a cluster), so `pytest -m "not e2e"` (`make unit`) is the fast unit tier."""
+    """Mark the end-to-end tests `e2e` (modules named test_e2e_* or test_ray_*, and any test that runs
+    the CLI, a model or a cluster), so `pytest -m "not e2e"` (`make unit`) is the fast unit tier."""
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__ if module is not None else ""
-        if name.startswith("test_e2e_") or END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if name.startswith(("test_e2e_", "test_ray_")) or END_TO_END_FIXTURES & fixtures:
             item.add_marker(pytest.mark.e2e)

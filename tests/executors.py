@@ -1,4 +1,5 @@
-"""Running the real CLI under each executor, and finding the processes of one run.
+"""Running the real CLI under each executor, finding the processes of one run, and reading what it
+committed.
 
 Every run started here is tagged with an environment variable of its own (`CAPRL_TEST_RAY_TAG`), which
 every process it starts inherits (engine workers, decode workers, a local Ray cluster and its actors),
@@ -10,6 +11,7 @@ processes. A moment mid-run is found by an event (a pause point, a committed par
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -171,3 +173,33 @@ def tagged_runs(tmp_path: Path) -> Iterator[StartRun]:
     yield start
     for run in started:
         run.cleanup()
+
+
+# -- what a run committed -----------------------------------------------------------------------------------
+
+
+def committed_parts(output: Path) -> list[Path]:
+    """The committed part files of a Parquet output's state folder."""
+    state = output.parent / f"{output.name}.caprl"
+    return [path for path in state.rglob("*.parquet") if not path.name.startswith(".")]
+
+
+def committed_keys(output: Path) -> list[str]:
+    """Every key in the committed parts, as often as it was committed."""
+    import pyarrow.parquet as pq
+
+    return [key for part in committed_parts(output) for key in pq.read_table(part, columns=["key"])["key"].to_pylist()]
+
+
+def rows_by_key(output: Path) -> dict[str, list[dict]]:
+    """The rows of a published Parquet output, by key (a list, to catch a key written twice)."""
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list[dict]] = {}
+    for row in pq.read_table(output).to_pylist():
+        rows.setdefault(row["key"], []).append(row)
+    return rows
+
+
+def summary_of(output: Path) -> dict:
+    return json.loads(Path(f"{output}.summary.json").read_text())

@@ -20,10 +20,19 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import write_shard
-from executors import EXECUTORS, Executor, StartRun, TaggedRun, wait_until
+from executors import (
+    EXECUTORS,
+    Executor,
+    StartRun,
+    TaggedRun,
+    committed_keys,
+    committed_parts,
+    rows_by_key,
+    summary_of,
+    wait_until,
+)
 from PIL import Image
 
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", "6", "--no-progress", "--num-engines", "2")
@@ -44,26 +53,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=EXECUTORS, ids=lambda executor: executor.name)
 def executor(request: pytest.FixtureRequest) -> Executor:
     return request.param
-
-
-def rows_by_key(output: Path) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for row in pq.read_table(output).to_pylist():
-        rows.setdefault(row["key"], []).append(row)
-    return rows
-
-
-def summary_of(output: Path) -> dict:
-    return json.loads(Path(f"{output}.summary.json").read_text())
-
-
-def committed_parts(output: Path) -> list[Path]:
-    state = output.parent / f"{output.name}.caprl"
-    return [path for path in state.rglob("*.parquet") if not path.name.startswith(".")]
-
-
-def committed_keys(output: Path) -> list[str]:
-    return [key for part in committed_parts(output) for key in pq.read_table(part, columns=["key"])["key"].to_pylist()]
 
 
 def assert_every_key_once(output: Path, ok: int = IMAGES) -> dict[str, list[dict]]:
@@ -194,15 +183,13 @@ class HeldImageServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                held.requested.set()
-                held.released.wait()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(image)))
-                self.end_headers()
+                self._held_headers()
                 self.wfile.write(image)
 
             def do_HEAD(self) -> None:  # noqa: N802
+                self._held_headers()
+
+            def _held_headers(self) -> None:
                 held.requested.set()
                 held.released.wait()
                 self.send_response(200)

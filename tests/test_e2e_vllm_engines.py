@@ -4,7 +4,6 @@ on one queue, and no process of a run left behind when its parent is killed."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,8 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from executors import committed_parts, rows_by_key, summary_of, wait_until
 from PIL import Image
 
 pytestmark = pytest.mark.vllm
@@ -111,34 +110,6 @@ def named(processes: dict[int, tuple[str, str]], prefix: str) -> list[int]:
 
 
 # -- runs -------------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], object], process: subprocess.Popen, timeout: float = 600) -> object:
-    """Poll `condition` until it holds; fails if the run ends first (the event never came)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        assert process.poll() is None, f"the run ended before the event: {process.communicate()[1]}"
-        time.sleep(0.05)
-    raise AssertionError("the event did not come")
-
-
-def committed_parts(output: Path) -> list[Path]:
-    state = output.parent / f"{output.name}.caprl"
-    return [path for path in state.rglob("*.parquet") if not path.name.startswith(".")]
-
-
-def rows_by_key(output: Path) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for row in pq.read_table(output).to_pylist():
-        rows.setdefault(row["key"], []).append(row)
-    return rows
-
-
-def summary_of(output: Path) -> dict:
-    return json.loads(Path(f"{output}.summary.json").read_text())
 
 
 def test_sigterm_drains_the_multiprocess_engine_core_and_two_engines_finish_the_run(

@@ -1,4 +1,4 @@
-"""Units of work shared out among several engines: the scheduling both multi-engine executors share.
+"""Units of work shared out among several engines: what the fleet loop hands out, to whom, and when.
 
 The fleet loop (`execute.fleet`) hands these out, whatever transport reaches its engines. What is
 handed out, to whom, and what becomes of the images of an engine that dies lives here, pure Python,
