@@ -290,7 +290,7 @@ def test_webdataset_output_with_images(tiny_model: Path, tmp_path: Path, tagged_
         )
     out = tmp_path / "out"
     finished(caption(
-        tagged_runs, executor, [tmp_path / "in" / "shard-{0..1}.tar"], out / "caps-{000000..999999}.tar",
+        tagged_runs, executor, [tmp_path / "in" / "shard-{0..1}.tar"], out / "caps-%06d.tar",
         tiny_model, "--format", "webdataset", "--images",
     ))
     read = {}

@@ -98,6 +98,7 @@ class SimTransport:
         self.appetite = appetite
         self.starts: Counter[int] = Counter()
         self.kills = 0
+        self.most_held = 0  # the most images one host held at once
 
     def start(self, slot: Slot) -> None:
         self.starts[slot.index] += 1
@@ -136,6 +137,7 @@ class SimTransport:
             else:
                 host.ended = message[0]
         host.inbox.clear()
+        self.most_held = max(self.most_held, len(host.held))
         if host.frozen:
             return []
         if host.index in self.freeze_once and host.held:
@@ -219,6 +221,17 @@ def test_every_key_once_under_random_deaths_and_orders(seed: int) -> None:
     if not death_rate:
         assert errors == poison
     assert all(error_kind_of(row) == "engine" for row in sink.rows if row["key"] in errors)
+
+
+def test_an_engine_is_kept_supplied_with_its_whole_appetite() -> None:
+    """A host that says it takes 300 images in at once (a vLLM engine's batch on a big GPU) is handed
+    that many, plus its reserve unit, whatever transport reaches it: units never cap its batch."""
+    clock = Clock()
+    items = samples(2000)
+    transport = SimTransport(clock, 7, appetite=300)
+    sink = run_fleet(transport, clock, items, engines=1)
+    assert sink.keys() == Counter(sample.key for sample in items)
+    assert 300 <= transport.most_held < 300 + 2 * 32  # units are whole: the last one may pass it by less than one
 
 
 def test_an_image_that_kills_every_engine_is_isolated_as_one_engine_row() -> None:
