@@ -125,6 +125,14 @@ def test_token_cluster_without_its_token_is_one_line(
     assert not output.exists()
 
 
+def test_a_token_file_that_is_not_there_is_named(ray_nodes: RayNodes, tmp_path: Path) -> None:
+    """RAY_AUTH_TOKEN_PATH naming a missing file: Ray looks no further, and the line says which file."""
+    missing = tmp_path / "no-such-token"
+    env = user_env(tmp_path / "home", ray_nodes, RAY_AUTH_TOKEN_PATH=str(missing))
+    with pytest.raises(CaprlError, match=f"RAY_AUTH_TOKEN_PATH names {missing}, which cannot be read"):
+        choose_auth_mode(ray_nodes.address, env)
+
+
 def test_cluster_without_authentication_works_with_a_token_at_hand(
     open_cluster: RayNodes, images: tuple[Path, list[str]], tiny_model: Path, tmp_path: Path, run_caprl
 ) -> None:
@@ -157,5 +165,6 @@ def test_token_source_follows_rays_order(tmp_path: Path) -> None:
     assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(named)}) is None  # set, unreadable
     named.write_text("t2")
     assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(named)}) == f"RAY_AUTH_TOKEN_PATH ({named})"
-    assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": "t3"}) == "RAY_AUTH_TOKEN"
+    both = {"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": "t3"}
+    assert token_source(both) == "RAY_AUTH_TOKEN"
     assert token_source({"HOME": str(home), "RAY_AUTH_TOKEN": "  "}) == "~/.ray/auth_token"

@@ -30,11 +30,11 @@ of killing the engines under it.
 from __future__ import annotations
 
 import logging
+import json
 import os
 import signal
 import subprocess
 import sys
-import json
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -206,6 +206,11 @@ def choose_auth_mode(address: str, environ: Mapping[str, str]) -> str | None:
             f"unset it or set {AUTH_MODE_ENV}=token, and {_TOKEN_HELP} (Ray: {reason})"
         )
     source = token_source(environ)
+    if source is None and (named := environ.get("RAY_AUTH_TOKEN_PATH")):
+        raise CaprlError(
+            f"the Ray cluster at {address} wants an authentication token, and RAY_AUTH_TOKEN_PATH names {named}, "
+            f"which cannot be read or is empty: {_TOKEN_HELP} (Ray: {reason})"
+        )
     if source is None:
         raise token_refused(address, None, reason)
     outcome, reason = probe_cluster(address, {**environ, AUTH_MODE_ENV: "token"})
@@ -279,14 +284,12 @@ def _init(ray: Any, where: dict[str, Any], runtime_env: dict[str, Any], verbose:
         signal.signal(signal.SIGTERM, previous_term)
         os.kill(os.getpid(), signal.SIGTERM)  # the run's handler decides what a SIGTERM now means
         raise CaprlError("terminated while Ray started") from None
-    except Exception as exc:
-        if isinstance(exc, CaprlError):
-            raise
+    except Exception as exc:  # Ray's AuthenticationError is none of the usual ones
         address = where.get("address")
         reason = _auth_reason(exc)
         if reason is not None and address is not None:
             raise token_refused(address, token_source(os.environ), reason) from None
-        if not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)) and reason is None:
+        if reason is None and not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
             raise
         where_text = f"the Ray cluster at {address}" if address is not None else "a local Ray cluster"
         raise CaprlError(f"cannot start or reach {where_text}: {reason or exc}") from None
