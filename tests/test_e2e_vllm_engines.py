@@ -120,8 +120,12 @@ def test_sigterm_drains_the_multiprocess_engine_core_and_two_engines_finish_the_
     process = start_caprl(
         "caption", folder, "-o", output, "--model", tiny_model, *VLLM_ARGS, *SMALL_BATCHES, "--workers", "1",
         "--flush-every", "1",
-        # Held at its first row (engine core busy, requests queued) until the test has sent SIGTERM.
-        env={**ENGINE_CORE_IN_A_PROCESS, "CAPRL_PAUSE_AT": "rows.first", "CAPRL_PAUSE_FILE": str(ready)},
+        # Held at its first row (engine core busy, requests queued) until the test has sent SIGTERM; the
+        # engine is fed slowly, so it cannot finish all images while the driver waits there.
+        env={
+            **ENGINE_CORE_IN_A_PROCESS, "CAPRL_PAUSE_AT": "rows.first", "CAPRL_PAUSE_FILE": str(ready),
+            "CAPRL_TEST_ENGINE_DELAY": "*:0.5",
+        },
     )
     wait_until(ready.exists, process)
     tree = descendants(process.pid)
