@@ -254,13 +254,16 @@ def test_the_stock_template_would_add_a_system_turn(
 def test_a_server_that_keeps_failing_leaves_unavailable_rows_for_the_next_run(
     run_caprl, proxy, server: str, images: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Still failing after --retries: `unavailable` rows, exit 0; the next plain run (here straight
-    against the server) captions exactly those."""
+    """Still failing after --retries: `unavailable` rows and exit 3 (partial: run again), with a closing
+    line that claims no rate for the captions it did not make; the next plain run (here straight
+    against the server) captions exactly those and exits 0."""
     faults, base_url = proxy
     faults.always = True
     output = tmp_path / "out.jsonl"
     first = openai_run(run_caprl, images, output, tiny_model, base_url, "--retries", "1")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 3, first.stderr
+    closing = first.stderr.strip().splitlines()[-1]
+    assert closing.startswith("caprl: captioned 0 of 5 images") and "images/s" not in closing
     rows = read_rows(output)
     assert len(rows) == 5
     assert {(row["status"], error_kind(row)) for row in rows} == {("error", "unavailable")}

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
 from caprl_cli.errors import DecodeWorkersError, ErrorKind
-from caprl_cli.inputs.retry import DEFAULT_RETRIES
+from caprl_cli.defaults import DEFAULT_RETRIES
 from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, Sample
 from caprl_cli.prepare.grid import Grid
 from caprl_cli.prepare.outcomes import (
