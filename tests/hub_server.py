@@ -5,7 +5,7 @@ It implements the few routes snapshot_download uses, read from huggingface_hub's
 - `GET /api/models/{repo}/revision/{rev}`: the repo's info, whose `sha` resolves a branch to a commit;
 - `GET /api/models/{repo}/tree/{commit}`: the file listing (path, size, blob id);
 - `HEAD` and `GET /{repo}/resolve/{rev}/{path}`: a file's metadata (X-Repo-Commit, ETag, size) and its
-  bytes, honouring `Range` so an interrupted download resumes.
+  bytes, honouring `Range` (huggingface_hub resumes a dropped transfer within a run).
 
 Unknown repos and revisions answer 404 with the hub's X-Error-Code. A file can be set to die part-way:
 the server sends that many bytes, then stops listening altogether, as a crashed hub would.
@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -62,13 +61,16 @@ class Hub:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.die_after: dict[str, int] = {}  # file path in a repo -> bytes sent before the hub dies
+        self.served: list[str] = []  # file paths whose bytes were sent to the end, in order
         self._server: ThreadingHTTPServer | None = None
+        self.dead = False
 
     def repo(self, repo_id: str) -> Repo:
         return self.repos.setdefault(repo_id, Repo())
 
     def start(self) -> str:
         """Listen on a free port of 127.0.0.1; returns the endpoint URL (no trailing slash)."""
+        self.dead = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -99,6 +101,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, send_body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
+            if hub.dead:  # gone: the connection drops before any answer
+                self.close_connection = True
+                return
             with hub.lock:
                 hub.requests.append((self.command, path, self.headers.get("Range")))
             for pattern, route in ((_INFO, self._info), (_TREE, self._tree), (_RESOLVE, self._resolve)):
@@ -162,11 +167,14 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             cut = hub.die_after.get(match["path"])
             if cut is None or start:
                 self.wfile.write(data[start:])
+                with hub.lock:
+                    hub.served.append(match["path"])
                 return
             self.wfile.write(data[:cut])
             self.wfile.flush()
             self.close_connection = True
-            threading.Thread(target=hub.stop, daemon=True).start()  # the hub goes away mid-file
+            hub.dead = True  # the hub goes away mid-file: nothing answers from now on
+            threading.Thread(target=hub.stop, daemon=True).start()
 
         def _json(self, value: object, send_body: bool) -> None:
             data = json.dumps(value).encode()
@@ -195,5 +203,3 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 
     return Handler
 
-
-Starter = Callable[[], str]
