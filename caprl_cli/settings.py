@@ -219,6 +219,12 @@ def validate_settings(settings: CaptionSettings) -> None:
     validate_share(settings.num_shards, settings.shard_index)
     validate_executor(settings)
     validate_server(settings)
+    if settings.engine == "vllm" and settings.executor == "local":  # a Ray cluster's nodes have their own
+        from caprl_cli.engines.vllm_support import VLLM_FIX, installed_vllm, untested_vllm
+
+        problem = untested_vllm(installed_vllm())
+        if problem is not None:
+            raise UsageError(f"{problem}: {VLLM_FIX}")
     if settings.engine != "openai":  # a server's --model may be its id or a root on another machine
         local_model_folder(settings.model)
     location = settings.output_location
