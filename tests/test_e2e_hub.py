@@ -135,3 +135,41 @@ def test_an_unknown_model_is_exit_2_naming_it(run_caprl, hub, images: Path, tmp_
     assert len(errors) == 1 and errors[0].startswith("caprl: error: no model caprl-tests/no-such-model on http://127.0.0.1:")
     assert "Traceback" not in result.stderr
     assert not output.exists()
+
+
+def test_a_terminal_shows_the_hubs_progress_bar(hub, images: Path, tmp_path: Path) -> None:
+    """With stderr on a terminal (a pseudo-terminal here) the download draws huggingface_hub's own bars."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from conftest import ROOT
+
+    server, _ = hub
+    output = tmp_path / "out.jsonl"
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a width
+    process = subprocess.Popen(
+        [sys.executable, "-m", "caprl_cli", "caption", str(images), "-o", str(output), "--model", REPO, *ENGINE],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+        env={**os.environ, **online(server, tmp_path / "hf")}, cwd=ROOT,
+    )
+    os.close(terminal)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: every process holding the terminal has closed it
+            break
+        if not data:
+            break
+        shown += data
+    os.close(main)
+    assert process.wait(timeout=600) == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace")
+    assert "caprl: fetching" in text and "Fetching 9 files" in text and "100%" in text
+    assert "fetched 9 of 9 files" not in text  # the log lines are for when no bar can be drawn
