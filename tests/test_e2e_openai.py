@@ -411,7 +411,7 @@ def test_one_engine_serves_several_caption_calls(server: str, images: Path, tiny
 
     settings = CaptionSettings(
         inputs=(str(images),), output=None, output_format="sidecar", engine="openai", base_url=server,
-        model="caprl", processor=str(tiny_model), max_tokens=MAX_TOKENS,
+        model=str(tiny_model), max_tokens=MAX_TOKENS,
     )
     source, profile = load_model(settings)
     engine = OpenAIEngine(engine_spec(settings, source, profile))

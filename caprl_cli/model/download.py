@@ -10,6 +10,7 @@ after a hub that went away "run again" is the whole recovery: the next run fetch
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -26,6 +27,7 @@ def download_snapshot(repo_id: str, revision: str | None, ignore_patterns: list[
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    quiet_hub_logs()
     endpoint = constants.ENDPOINT
     announce(repo_id, revision, ignore_patterns, endpoint)
     try:
@@ -53,6 +55,18 @@ def download_snapshot(repo_id: str, revision: str | None, ignore_patterns: list[
         raise ModelUnavailable(
             f"cannot get model {repo_id}{_at(revision)} from {endpoint}: {reason} (run again: the files already fetched are kept)"
         ) from None
+
+
+def quiet_hub_logs() -> None:
+    """huggingface_hub sets its own logger's level when first imported, which happens after caprl set
+    the libraries' levels: set it again, so its retry warnings follow -q/-v like every library's."""
+    from caprl_cli.verbosity import VERBOSITY_ENV, quiet_libraries
+
+    try:
+        verbosity = int(os.environ.get(VERBOSITY_ENV, "0"))
+    except ValueError:
+        verbosity = 0
+    quiet_libraries(verbosity)
 
 
 def announce(repo_id: str, revision: str | None, ignore_patterns: list[str] | None, endpoint: str) -> None:
