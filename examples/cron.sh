@@ -15,7 +15,7 @@ caprl caption "$IMAGES" -o "$OUTPUT" --max-runtime 55m --no-progress
 code=$?
 case $code in
   0) echo "$(date -Is) caprl: complete" ;;
-  3) echo "$(date -Is) caprl: partial, the next run continues" ;;
+  3) echo "$(date -Is) caprl: partial (time limit, or a server or store failing for now), the next run continues" ;;
   75) echo "$(date -Is) caprl: the previous run is still going, skipped" ;;
   130|143) echo "$(date -Is) caprl: interrupted, the next run resumes" ;;
   *) echo "$(date -Is) caprl: failed with exit code $code"; exit "$code" ;;

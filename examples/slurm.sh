@@ -6,7 +6,9 @@
 #   sbatch examples/slurm.sh            # submits the array and the merge; prints both job ids
 #
 # A task that fails or hits its time limit is simply submitted again (same command): it resumes its
-# own share. The shares are chosen by a stable hash of each shard or image, so they stay the same
+# own share. A task exits 0 only when its share is complete: one that stopped at --max-runtime or left
+# transient work (`unavailable` rows from a store answering 503, shards not read to the end) exits 3,
+# so `afterok` holds the merge back until a resubmitted task finishes the share. The shares are chosen by a stable hash of each shard or image, so they stay the same
 # however the inputs are listed, and no two tasks ever caption the same image.
 set -euo pipefail
 
@@ -30,11 +32,17 @@ fi
 case "${STEP:-share}" in
 share)
     # One share; its output and state are its own, so tasks never wait on each other's lock.
-    # --max-runtime stops cleanly before SLURM's time limit (exit 3: resubmit to continue).
+    # --max-runtime stops cleanly before SLURM's time limit. Exit 3 (partial: time ran out, or transient
+    # failures left work) is requeued, so the same task continues its share.
     # shellcheck disable=SC2086  # INPUTS may hold several inputs
+    code=0
     caprl caption $INPUTS -o "${OUT}/share-{shard_index}.parquet" \
         --num-shards "$SHARES" --shard-index "$SLURM_ARRAY_TASK_ID" \
-        --model "$MODEL" --max-runtime 11h45m --no-progress
+        --model "$MODEL" --max-runtime 11h45m --no-progress || code=$?
+    if [[ $code == 3 ]]; then
+        scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    fi
+    exit "$code"
     ;;
 merge)
     parts=()

@@ -56,6 +56,8 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         sys.executable, str(ROOT / "bench" / "vllm_serve.py"), str(tiny_model),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "1024", "--trust-request-chat-template", "--no-enable-chunked-prefill",
+        # Under its folder's path and, as CapRL-3B's model card serves it, under the name "caprl".
+        "--served-model-name", str(tiny_model), "caprl",
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as sink:
@@ -254,13 +256,16 @@ def test_the_stock_template_would_add_a_system_turn(
 def test_a_server_that_keeps_failing_leaves_unavailable_rows_for_the_next_run(
     run_caprl, proxy, server: str, images: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Still failing after --retries: `unavailable` rows, exit 0; the next plain run (here straight
-    against the server) captions exactly those."""
+    """Still failing after --retries: `unavailable` rows and exit 3 (partial: run again), with a closing
+    line that claims no rate for the captions it did not make; the next plain run (here straight
+    against the server) captions exactly those and exits 0."""
     faults, base_url = proxy
     faults.always = True
     output = tmp_path / "out.jsonl"
     first = openai_run(run_caprl, images, output, tiny_model, base_url, "--retries", "1")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 3, first.stderr
+    closing = first.stderr.strip().splitlines()[-1]
+    assert closing.startswith("caprl: captioned 0 of 5 images") and "images/s" not in closing
     rows = read_rows(output)
     assert len(rows) == 5
     assert {(row["status"], error_kind(row)) for row in rows} == {("error", "unavailable")}
@@ -327,3 +332,93 @@ def test_images_are_sent_lossless_unless_the_source_was_jpeg() -> None:
         assert decoded.convert("RGB").tobytes() == image.tobytes()
     mime, data = encode_image(ImageRequest("a.jpg", image, lossy_source=True))
     assert mime == "image/jpeg" and Image.open(io.BytesIO(data)).size == (56, 28)
+
+
+def test_the_model_cards_recipe_captions_through_a_server_named_caprl(
+    run_caprl, server: str, images: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """examples/card_recipe.sh against the server (started as the card says, --served-model-name caprl):
+    `--model caprl` is what it serves, and the processor comes from the root it reports, a folder here;
+    provenance says which processor prepared the images."""
+    port = server.rsplit(":", 1)[1].split("/")[0]
+    output = tmp_path / "out.jsonl"
+    env = {
+        **os.environ, "SERVE": "0", "PORT": port, "IMAGES": str(images), "OUT": str(output),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "card_recipe.sh"), *COMMON], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(output)
+    assert sorted(row["key"] for row in rows) == sorted(p.name for p in images.iterdir())
+    assert all(row["status"] == "ok" for row in rows)
+    summary = json.loads(Path(f"{output}.summary.json").read_text())
+    assert summary["processor"] == str(tiny_model.resolve())
+    assert summary["prompt_sent"]["served_model"] == "caprl" and summary["model"] == "caprl"
+
+
+def test_processor_option_wins_and_an_unknown_root_is_one_line(
+    run_caprl, server: str, images: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A server whose root names nothing caprl can find (a folder on another machine, no hub id in its
+    name) stops with exit 2 in one line naming its id, its root and --processor; --processor DIR then
+    supplies the files, and provenance records it."""
+    listing = {"object": "list", "data": [{"id": "caprl", "object": "model", "root": "/elsewhere/my-captioner", "owned_by": "vllm"}]}
+
+    class Lister(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            data = json.dumps(listing).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    lister = ThreadingHTTPServer(("127.0.0.1", 0), Lister)
+    threading.Thread(target=lister.serve_forever, daemon=True).start()
+    try:
+        output = tmp_path / "out.jsonl"
+        base = f"http://127.0.0.1:{lister.server_address[1]}/v1"
+        refused = run_caprl("caption", images, "-o", output, "--engine", "openai", "--base-url", base, "--model", "caprl", *COMMON)
+    finally:
+        lister.shutdown()
+        lister.server_close()
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'caprl'" in lines[0] and "/elsewhere/my-captioner" in lines[0] and "--processor" in lines[0]
+    assert not output.exists()
+
+    copy = tmp_path / "processor-copy"
+    shutil.copytree(tiny_model, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    given = run_caprl("caption", images, "-o", output, "--engine", "openai", "--base-url", server, "--model", "caprl",
+                      "--processor", copy, "--limit", "1", *COMMON)
+    assert given.returncode == 0, given.stderr
+    assert json.loads(Path(f"{output}.summary.json").read_text())["processor"] == str(copy)
+
+
+@pytest.mark.timeout(300)  # before the fix the second call waited forever for workers that had stopped
+def test_one_engine_serves_several_caption_calls(server: str, images: Path, tiny_model: Path) -> None:
+    """The engine's stop flag belongs to one caption() call: a second call captions too."""
+    from caprl_cli.engines.base import ImageRequest
+    from caprl_cli.engines.openai_engine import OpenAIEngine
+    from caprl_cli.execute.local import engine_spec, load_model
+    from caprl_cli.settings import CaptionSettings
+
+    settings = CaptionSettings(
+        inputs=(str(images),), output=None, output_format="sidecar", engine="openai", base_url=server,
+        model=str(tiny_model), max_tokens=MAX_TOKENS,
+    )
+    source, profile = load_model(settings)
+    engine = OpenAIEngine(engine_spec(settings, source, profile))
+    try:
+        picture = Image.new("RGB", (56, 56), (200, 30, 30))
+        for call in range(2):
+            answers = list(engine.caption(iter([ImageRequest(f"k{call}", picture)])))
+            assert [(key, caption.finish_reason in ("stop", "length")) for key, caption in answers] == [(f"k{call}", True)]
+    finally:
+        engine.close()

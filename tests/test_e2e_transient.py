@@ -49,7 +49,8 @@ def test_shard_unavailable_then_read_by_a_plain_rerun(
     run_caprl, flaky_server, tiny_model: Path, tmp_path: Path
 ) -> None:
     """Run 1: the shard answers 503 (tried again, still 503) -> an `unavailable` row `<shard>@0`,
-    exit 0, the shard not recorded finished. Run 2, server healthy: the shard is read, each sample is
+    exit 3 (a plain rerun has work: a scheduler must not take it for done), the shard not recorded
+    finished. Run 2, server healthy: the shard is read, each sample is
     captioned once, and the `@0` placeholder is gone from the published WebDataset shards."""
     flaky, folder, base = flaky_server
     shard_of(folder / "s-000.tar", "s", 3)
@@ -57,7 +58,8 @@ def test_shard_unavailable_then_read_by_a_plain_rerun(
     output = tmp_path / "out"
     flaky.failing.add("/s-000.tar")
     first = run_caprl("caption", url, "-o", f"{output}/", "--model", tiny_model, *FAST, "--retries", "1")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 3, first.stderr
+    assert "run the same command again" in first.stderr.strip().splitlines()[-1]
     rows = webdataset_rows(output)
     assert [(row["key"], row["status"], error_kind(row)) for row in rows] == [(f"{url}@0", "error", "unavailable")]
     assert flaky.requests["/s-000.tar"] >= 2  # tried again before giving up
@@ -88,7 +90,7 @@ def test_image_url_unavailable_then_replaced(run_caprl, flaky_server, tiny_model
     output = tmp_path / "images.jsonl"
     flaky.failing.add("/p0.png")
     first = run_caprl("caption", f"@{listing}", "-o", output, "--model", tiny_model, *FAST, "--retries", "0")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 3, first.stderr  # the unavailable row is work for a plain rerun
     assert {row["key"]: error_kind(row) for row in read_rows(output)} == {
         f"{base}/p0.png": "unavailable", f"{base}/p1.png": None}
 

@@ -340,6 +340,8 @@ def test_model_that_cannot_be_fetched_is_exit_1(run_caprl, tmp_path: Path) -> No
     )
     assert result.returncode == 1, result.stderr
     assert "cannot get model" in result.stderr and "Traceback" not in result.stderr
+    assert "unset HF_HUB_OFFLINE to download it" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1  # one line, saying what to do
     missing = run_caprl("caption", tmp_path / "eq", "-o", tmp_path / "p.parquet", "--model", tmp_path / "nope", *ENGINE)
     assert missing.returncode == 2, missing.stderr
 

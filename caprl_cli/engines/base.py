@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from caprl_cli.defaults import DEFAULT_CONCURRENCY, DEFAULT_RETRIES
 from caprl_cli.engines.repetition import FINISH_REPETITION, RepetitionRule
 
 
@@ -39,8 +40,8 @@ class ServerSpec:
     base_url: str
     model: str  # what --model names: the served model id (or root) to find on the server
     api_key_env: str | None = None
-    concurrency: int = 32
-    retries: int = 3
+    concurrency: int = DEFAULT_CONCURRENCY
+    retries: int = DEFAULT_RETRIES
     prompt: str = ""  # the user instruction and system turn, as chat messages carry them
     system_prompt: str | None = None
 

@@ -117,6 +117,32 @@ def find_served_model(served: list[dict[str, Any]], model: str) -> str | None:
     return None
 
 
+def served_models(client: ServerClient, base_url: str) -> list[dict[str, Any]]:
+    """The server's `GET /models` entries (each has an `id`, and from vLLM the `root` it loaded)."""
+    where = redact(base_url)
+    try:
+        listing = client.get("/models", timeout=START_TIMEOUT_S)
+    except ServerResponseError as exc:
+        raise EngineStartError(f"the server at {where} did not list its models (GET /models): {exc}") from None
+    except OSError as exc:
+        raise EngineStartError(f"cannot reach the server at {where}: {exc}") from None
+    return [entry for entry in (listing or {}).get("data", []) if isinstance(entry, dict) and "id" in entry]
+
+
+def served_entry(client: ServerClient, base_url: str, model: str) -> dict[str, Any]:
+    """The listing entry `--model` names (its id, its root, or the same local folder); a server that
+    serves no such model is a usage error naming what it does serve."""
+    served = served_models(client, base_url)
+    model_id = find_served_model(served, model)
+    if model_id is None:
+        names = ", ".join(sorted({str(entry["id"]) for entry in served})) or "nothing"
+        raise UsageError(
+            f"the server at {redact(base_url)} serves {names}, not {model}: pass --model with the name it serves "
+            "(or start vllm serve with --served-model-name)"
+        )
+    return next(entry for entry in served if entry["id"] == model_id)
+
+
 @dataclass(frozen=True)
 class ServerFacts:
     """What the start-up checks learned about the server."""
@@ -200,6 +226,7 @@ class OpenAIEngine(Engine):
     ) -> Iterator[tuple[str, Caption]]:
         concurrency = self.server.concurrency
         count = self.spec.sampling.num_captions
+        self._stop.clear()  # the last call's end (or a refused template) stopped that call, not this one
         jobs: queue.Queue[tuple[_Image, int] | None] = queue.Queue()
         results: queue.Queue[tuple[_Image, int, Caption | None]] = queue.Queue()
         threads = [
@@ -304,21 +331,8 @@ def template_refused_message(base_url: str) -> str:
 def check_server(client: ServerClient, server: ServerSpec, spec: EngineSpec) -> ServerFacts:
     """Before any image: the server answers, serves `--model`, and (vLLM) takes caprl's template."""
     where = redact(server.base_url)
-    try:
-        listing = client.get("/models", timeout=START_TIMEOUT_S)
-    except ServerResponseError as exc:
-        raise EngineStartError(f"the server at {where} did not list its models (GET /models): {exc}") from None
-    except OSError as exc:
-        raise EngineStartError(f"cannot reach the server at {where}: {exc}") from None
-    served = [entry for entry in (listing or {}).get("data", []) if isinstance(entry, dict) and "id" in entry]
-    model_id = find_served_model(served, server.model)
-    if model_id is None:
-        names = ", ".join(sorted({str(entry["id"]) for entry in served})) or "nothing"
-        raise UsageError(
-            f"the server at {where} serves {names}, not {server.model}: pass --model with the name it serves "
-            "(or start vllm serve with --served-model-name)"
-        )
-    entry = next(entry for entry in served if entry["id"] == model_id)
+    entry = served_entry(client, server.base_url, server.model)
+    model_id = str(entry["id"])
     software = None
     is_vllm = entry.get("owned_by") == "vllm"
     try:

@@ -193,7 +193,7 @@ def server_spec(settings: CaptionSettings) -> ServerSpec | None:
 def load_model(settings: CaptionSettings) -> tuple[ModelSource, ModelProfile]:
     """Find the model and read its grid and prompt; no engine yet."""
     # An HTTP engine's server holds the weights: only the processor's files are needed here.
-    source = resolve_model(settings.model, settings.revision, weights=settings.engine != "openai")
+    source = resolve_model(settings.processor or settings.model, settings.revision, weights=settings.engine != "openai")
     profile = profile_from_processor(
         load_processor(source.path), settings.prompt, settings.system_prompt, settings.min_pixels, settings.max_pixels
     )

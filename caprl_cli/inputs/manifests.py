@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from caprl_cli.errors import ErrorKind, UsageError
-from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
+from caprl_cli.defaults import DEFAULT_RETRIES
+from caprl_cli.inputs.retry import is_transient, with_retries
 from caprl_cli.inputs.sample import Sample, content_signature, image_ext, is_image_name, path_signature
 from caprl_cli.storage import StorageOptions, is_url, join, local_path_of, open_input, path_part, redact, url_identity
 

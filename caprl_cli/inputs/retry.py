@@ -16,7 +16,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-DEFAULT_RETRIES = 3
 BASE_DELAY_S = 0.5  # the first pause; each further one doubles
 MAX_DELAY_S = 20.0  # no single pause is longer than this
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from caprl_cli.errors import ModelUnavailable, UsageError
+from caprl_cli.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,7 @@ def resolve_model(model: str, revision: str | None = None, weights: bool = True)
 
 
 def _resolve_hub(repo_id: str, revision: str | None, weights: bool = True) -> ModelSource:
-    from huggingface_hub import snapshot_download
+    from caprl_cli.model.download import download_snapshot
 
-    try:
-        ignore = None if weights else list(WEIGHT_PATTERNS)
-        path = snapshot_download(repo_id, revision=revision, ignore_patterns=ignore)
-    except Exception as exc:  # offline and not cached, unknown repo, no access...
-        reason = " ".join(str(exc).split())[:300]
-        raise ModelUnavailable(f"cannot get model {repo_id}: {reason}") from None
+    path = download_snapshot(repo_id, revision, None if weights else list(WEIGHT_PATTERNS))
     return ModelSource(model_id=repo_id, path=path, revision=Path(path).name)

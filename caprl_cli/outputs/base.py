@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caprl_cli.defaults import DEFAULT_ROWS_PER_FILE, DEFAULT_SHARD_SIZE
 from caprl_cli.outputs.atomic import write_json_atomically
 from caprl_cli.outputs.place import check_folder, check_own_state_folder
 from caprl_cli.state.folder import RunState
@@ -25,8 +26,6 @@ from caprl_cli.storage import StorageOptions, local_path_of, redact, remove_stal
 
 log = logging.getLogger("caprl")
 
-DEFAULT_SHARD_SIZE = 10_000
-DEFAULT_ROWS_PER_FILE = 250_000
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from caprl_cli.errors import UsageError
 from caprl_cli.outputs import rows as contract
 from caprl_cli.outputs.atomic import write_json_atomically
-from caprl_cli.outputs.base import DEFAULT_ROWS_PER_FILE, OutputOptions
+from caprl_cli.defaults import DEFAULT_ROWS_PER_FILE, DEFAULT_SHARD_SIZE
+from caprl_cli.outputs.base import OutputOptions
 from caprl_cli.outputs.locate import is_dataset_location
 from caprl_cli.outputs.parquet_dataset import DatasetFolder, DatasetTarget, FileSequence
 from caprl_cli.outputs.row_writers import PROVENANCE_KEY, ParquetRowWriter, open_writer
@@ -313,7 +314,7 @@ def merge_outputs(
     output_format: str | None = None,
     force: bool = False,
     storage_options: StorageOptions | None = None,
-    shard_size: int = 10_000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     with_images: bool = True,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
 ) -> MergeReport:

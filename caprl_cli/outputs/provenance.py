@@ -84,6 +84,9 @@ def build_provenance(
         "engine_version": facts.engine_version,
         "model": settings.model,
         "model_revision": facts.model_revision,
+        # The processor files (grid, chat template) the images and prompt were prepared with: the model's
+        # own, or with --engine openai the ones model/served.py found for what the server serves.
+        "processor": settings.processor or settings.model,
         "prompt": settings.prompt,
         "system_prompt": settings.system_prompt,
         "prompt_text": facts.prompt_text,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.inputs.retry import DEFAULT_RETRIES
+from caprl_cli.defaults import DEFAULT_RETRIES
 from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, Sample
 from caprl_cli.prepare.grid import Grid
 from caprl_cli.prepare.images import prepare_image

@@ -15,7 +15,8 @@ import stat
 from typing import IO
 
 from caprl_cli.errors import ErrorKind, SampleError
-from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
+from caprl_cli.defaults import DEFAULT_RETRIES
+from caprl_cli.inputs.retry import is_transient, with_retries
 from caprl_cli.inputs.sample import DEFAULT_MAX_IMAGE_BYTES, Sample
 from caprl_cli.storage import StorageOptions, is_url, local_path_of, open_input, redact
 

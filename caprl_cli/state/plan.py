@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from caprl_cli.errors import ErrorKind
 from caprl_cli.inputs.sample import Sample
 from caprl_cli.inputs.manifests import manifest_name, manifest_samples
-from caprl_cli.inputs.retry import DEFAULT_RETRIES, is_transient, with_retries
+from caprl_cli.defaults import DEFAULT_RETRIES
+from caprl_cli.inputs.retry import is_transient, with_retries
 from caprl_cli.outputs.rows import SIGNATURE, STATUS_OK, Row, error_kind_of
 from caprl_cli.state.identity import Verdict, conflict_sample, judge, judge_all
 from caprl_cli.state.index import CommittedIndex, CommittedOrigin
