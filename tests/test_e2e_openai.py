@@ -406,7 +406,7 @@ def test_one_engine_serves_several_caption_calls(server: str, images: Path, tiny
     """The engine's stop flag belongs to one caption() call: a second call captions too."""
     from caprl_cli.engines.base import ImageRequest
     from caprl_cli.engines.openai_engine import OpenAIEngine
-    from caprl_cli.execute.local import engine_spec, load_model
+    from caprl_cli.execute.job import engine_spec, load_model
     from caprl_cli.settings import CaptionSettings
 
     settings = CaptionSettings(
