@@ -114,3 +114,119 @@ def test_images_are_not_hashed_for_caches_that_never_hit(engine) -> None:
     config = engine._llm.llm_engine.vllm_config
     assert config.cache_config.enable_prefix_caching is False
     assert config.model_config.multimodal_config.mm_processor_cache_gb == 0
+
+
+# -- several captions of one image share its work (--num-captions N > 1) ---------------------------
+
+CAPTIONS = 4
+# 448x448 is 256 visual tokens: two full KV blocks of the CPU build's 128 tokens, so a shared prefix
+# shows in `num_cached_tokens`.
+SHARED_SIDE = 448
+
+
+@pytest.fixture(scope="module")
+def shared_engine(tiny_model: Path) -> Iterator[object]:
+    from caprl_cli.engines.vllm_engine import VllmEngine
+
+    settings = CaptionSettings(
+        inputs=(), output=None, output_format="jsonl", model=str(tiny_model), engine="vllm", dtype="float32",
+        max_tokens=8, num_captions=CAPTIONS,
+    )
+    source, profile = load_model(settings)
+    saved = os.environ.get(_MULTIPROCESSING)
+    with _application_context():
+        engine = VllmEngine(engine_spec(settings, source, profile))
+    try:
+        yield engine
+    finally:
+        engine.close()
+        if saved is None:
+            os.environ.pop(_MULTIPROCESSING, None)
+        else:
+            os.environ[_MULTIPROCESSING] = saved
+
+
+class Recorded:
+    """What vLLM saw of one `caption` call: each request's seed, the tokens it produced and its prefix
+    cache hits, and how often the renderer processed an image."""
+
+    def __init__(self, engine: object, monkeypatch: pytest.MonkeyPatch) -> None:
+        llm_engine = engine._llm.llm_engine
+        self.seeds: dict[str, int] = {}  # request id -> seed, in the order requests were added
+        self.tokens: dict[int, list[int]] = {}  # seed -> tokens
+        self.cached: dict[int, int] = {}  # seed -> num_cached_tokens
+        self.renders = 0
+        add, step, render = llm_engine.add_request, llm_engine.step, llm_engine.renderer.render_cmpl
+
+        def recording_add(request_id: str, prompt: object, params: object, *args: object, **kwargs: object) -> str:
+            self.seeds[request_id] = params.seed
+            return add(request_id, prompt, params, *args, **kwargs)
+
+        def recording_step() -> list[object]:
+            outputs = step()
+            for output in outputs:
+                seed = self.seeds[output.request_id]
+                self.tokens.setdefault(seed, []).extend(output.outputs[0].token_ids)
+                if output.num_cached_tokens is not None:
+                    self.cached.setdefault(seed, output.num_cached_tokens)
+            return outputs
+
+        def counting_render(*args: object, **kwargs: object) -> object:
+            self.renders += 1
+            return render(*args, **kwargs)
+
+        monkeypatch.setattr(llm_engine, "add_request", recording_add)
+        monkeypatch.setattr(llm_engine, "step", recording_step)
+        monkeypatch.setattr(llm_engine.renderer, "render_cmpl", counting_render)
+
+
+def shared_requests(count: int) -> list[ImageRequest]:
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    side = SHARED_SIDE
+    return [ImageRequest(f"img{n}", Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+            for n in range(count)]
+
+
+def caption_run(engine: object, share: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, Recorded]:
+    images = shared_requests(3)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "share_captions", share)
+        recorded = Recorded(engine, patch)
+        captions = dict(engine.caption(images))
+    return captions, recorded
+
+
+def test_several_captions_turn_prefix_caching_on(shared_engine) -> None:
+    assert shared_engine.share_captions is True
+    assert shared_engine._llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
+
+
+def test_siblings_reuse_the_first_captions_prefill_and_rendering(shared_engine, monkeypatch) -> None:
+    from caprl_cli.engines.seeding import request_seed
+
+    captions, recorded = caption_run(shared_engine, True, monkeypatch)
+    assert sorted(captions) == ["img0", "img1", "img2"]
+    assert all(caption.error is None and len(caption.all) == CAPTIONS for caption in captions.values())
+    assert recorded.renders == 3  # the processor ran once per image, not once per caption
+    block = shared_engine._llm.llm_engine.vllm_config.cache_config.block_size
+    seeds = list(recorded.seeds.values())
+    for key in captions:
+        first, *siblings = (request_seed(0, key, index) for index in range(CAPTIONS))
+        assert recorded.cached[first] == 0  # nothing to share before it
+        # the image's tokens: (256 + the prompt's) // block full blocks come from the first's prefill
+        assert all(recorded.cached[seed] == (SHARED_SIDE // 28) ** 2 // block * block for seed in siblings)
+        assert seeds.index(first) < min(seeds.index(seed) for seed in siblings)
+    assert len(set(seeds)) == 3 * CAPTIONS  # one seed per caption
+
+
+def test_sharing_changes_no_token_seed_for_seed(shared_engine, monkeypatch) -> None:
+    shared, with_sharing = caption_run(shared_engine, True, monkeypatch)
+    alone, without = caption_run(shared_engine, False, monkeypatch)
+    assert without.renders == 3 * CAPTIONS  # each caption its own request, as with sharing off
+    assert set(with_sharing.tokens) == set(without.tokens)
+    assert with_sharing.tokens == without.tokens
+    assert {key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in shared.items()} == {
+        key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in alone.items()
+    }

@@ -6,9 +6,13 @@ end). Each request carries its own seed, so a caption does not depend on what it
 Prepared images reach the engine through a `Feeder`, so waiting for one never pauses the batch.
 
 With `num_captions` N > 1 each image is N requests, request i seeded from (seed, key, i) (vLLM's `n`
-shares one seed between its samples). With loop detection on, requests stream their new tokens every
-step (`RequestOutputKind.DELTA`) into a `RepetitionTracker`, and a request whose tail loops is aborted
-and kept as a caption with finish_reason `repetition`.
+seeds its samples seed, seed + 1, ..., so caption i of one image would share its seed with caption 0 of
+the image whose seed is one higher). The N requests share their image's work (see `_SharedImage`): the
+image is rendered once (vLLM's processor: rescale, normalise, patchify), and the N - 1 siblings are
+added only once the first request has been prefilled, so prefix caching serves them the image's
+encoder output and prompt KV instead of computing both N times. With loop detection on, requests stream
+their new tokens every step (`RequestOutputKind.DELTA`) into a `RepetitionTracker`, and a request whose
+tail loops is aborted and kept as a caption with finish_reason `repetition`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class _Running:
     tracker: RepetitionTracker | None = None
     text: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
+    streamed: bool = False  # outputs come in pieces (loop detection, or a first caption with siblings held)
+    token_count: int = 0
 
 
 class _Image:
@@ -51,6 +57,10 @@ class _Image:
     def __init__(self, count: int) -> None:
         self.captions: list[Caption | None] = [None] * count
         self.request_ids: list[str] = []
+        # Siblings held back until the first caption's prompt is prefilled, with the rendered prompt
+        # they are added with (see `_SharedImage`); empty when they went in with the first.
+        self.held: list[int] = []
+        self.rendered: Any = None
 
     def done(self, index: int, caption: Caption) -> Caption | None:
         """Record caption `index`; the image's result once every caption is in."""
@@ -80,11 +90,14 @@ class VllmEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, share_captions: bool | None = None) -> None:
+        """`share_captions` (default: on when `num_captions` > 1) lets the captions of one image share
+        its rendering, encoder output and prompt prefill; off, each caption is a request of its own."""
         on_cpu = _prefer_in_process_engine_on_cpu()
         from vllm import LLM
 
         self.spec = spec
+        self.share_captions = spec.sampling.num_captions > 1 if share_captions is None else share_captions
         options: dict[str, Any] = {
             "model": spec.model_path,
             "dtype": spec.dtype,
@@ -94,11 +107,13 @@ class VllmEngine(Engine):
             "mm_processor_kwargs": spec.processor_image_kwargs(),
             # Every image is new: caching processed images only costs memory and hashing.
             "mm_processor_cache_gb": 0,
-            # Prompts share only a few tokens before the image (less than one KV block), so prefix
-            # caching never hits; with it and the processor cache both off, vLLM also skips hashing
-            # every image's pixels on the thread that prepares inputs (0.7 ms per 448x448 image,
-            # 2 ms at 1008x1008), the thread that limits a fast GPU.
-            "enable_prefix_caching": False,
+            # With one caption per image, prompts share only a few tokens before the image (less than
+            # one KV block), so prefix caching never hits; with it and the processor cache both off,
+            # vLLM also skips hashing every image's pixels on the thread that prepares inputs (0.7 ms
+            # per 448x448 image, 2 ms at 1008x1008), the thread that limits a fast GPU. With several
+            # captions sharing their image it hits, and caprl names each image (multi_modal_uuids),
+            # so the pixels are never hashed either way.
+            "enable_prefix_caching": self.share_captions,
             "disable_log_stats": True,
             "use_tqdm_on_load": False,
             "seed": spec.sampling.seed,
@@ -116,6 +131,7 @@ class VllmEngine(Engine):
         scheduler = self._llm.llm_engine.vllm_config.scheduler_config
         self.max_in_flight = scheduler.max_num_seqs + _QUEUE_HEADROOM
         self._request_ids = itertools.count()  # unique across calls: an aborted request's id is never reused
+        self._image_ids = itertools.count()  # names each shared image for vLLM's caches, never reused
         self._watch = watched_rule(spec)
 
     @property
@@ -124,7 +140,7 @@ class VllmEngine(Engine):
 
         return f"vllm {vllm.__version__}"
 
-    def _sampling_params(self, key: str, index: int) -> Any:
+    def _sampling_params(self, key: str, index: int, streamed: bool = False) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -135,30 +151,57 @@ class VllmEngine(Engine):
             top_p=sampling.top_p,
             repetition_penalty=1.0,
             seed=request_seed(sampling.seed, key, index),
-            # Loop detection needs each step's new tokens; without it only the finished caption.
-            output_kind=RequestOutputKind.DELTA if self._watch else RequestOutputKind.FINAL_ONLY,
+            # Loop detection needs each step's new tokens (and a held-back sibling needs the first
+            # token of its image's first caption); otherwise only the finished caption.
+            output_kind=RequestOutputKind.DELTA if self._watch or streamed else RequestOutputKind.FINAL_ONLY,
         )
 
     def _add_image(self, engine: Any, item: ImageRequest, pending: dict[str, _Running]) -> _Image:
-        """Add the requests of every caption of `item`; on a refusal, those already added are taken
-        back and the refusal propagates."""
+        """Add the requests of `item`'s captions (with sharing: the first only, its siblings held for
+        `_release_siblings`); on a refusal, those already added are taken back and it propagates."""
         count = self.spec.sampling.num_captions
         image = _Image(count)
-        prompt = {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}}
-        rule = self._watch
+        prompt: Any = {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}}
+        first = range(count)
+        if self.share_captions and count > 1:
+            prompt = image.rendered = _SharedImage.render(engine, prompt, f"caprl-image-{next(self._image_ids)}")
+            first, image.held = range(1), list(range(1, count))
         try:
-            for index in range(count):
-                request_id = str(next(self._request_ids))
-                engine.add_request(request_id, prompt, self._sampling_params(item.key, index))
-                image.request_ids.append(request_id)
-                pending[request_id] = _Running(item.key, index, RepetitionTracker(rule) if rule else None)
+            for index in first:
+                self._add_request(engine, item.key, index, prompt, image, pending, streamed=bool(image.held))
         except Exception:
-            if image.request_ids:
-                engine.abort_request(image.request_ids)
-                for request_id in image.request_ids:
-                    pending.pop(request_id, None)
+            self._take_back(engine, image, pending)
             raise
         return image
+
+    def _add_request(
+        self, engine: Any, key: str, index: int, prompt: Any, image: _Image, pending: dict[str, _Running],
+        streamed: bool = False,
+    ) -> None:
+        rule = self._watch
+        request_id = str(next(self._request_ids))
+        engine.add_request(request_id, prompt, self._sampling_params(key, index, streamed))
+        image.request_ids.append(request_id)
+        pending[request_id] = _Running(
+            key, index, RepetitionTracker(rule) if rule else None, streamed=streamed or rule is not None
+        )
+
+    def _release_siblings(self, engine: Any, key: str, image: _Image, pending: dict[str, _Running]) -> None:
+        """Add the held captions of an image whose first caption has been prefilled: their prompt's
+        full KV blocks (the image's among them) are now in the prefix cache."""
+        held, image.held = image.held, []
+        try:
+            for index in held:
+                self._add_request(engine, key, index, image.rendered, image, pending)
+        finally:
+            image.rendered = None  # the processed pixels are not kept beyond their last request
+
+    @staticmethod
+    def _take_back(engine: Any, image: _Image, pending: dict[str, _Running]) -> None:
+        if image.request_ids:
+            engine.abort_request(image.request_ids)
+            for request_id in image.request_ids:
+                pending.pop(request_id, None)
 
     def caption(
         self, items: Iterable[ImageRequest], should_stop: Callable[[], bool] = lambda: False
@@ -172,7 +215,7 @@ class VllmEngine(Engine):
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < self.max_in_flight:
+                while not exhausted and len(pending) + _held(images) < self.max_in_flight:
                     # With requests running, take only what is ready; with none, wait a little.
                     item = feeder.take(None if pending else _INPUT_WAIT_S)
                     if isinstance(item, Ended):
@@ -193,13 +236,22 @@ class VllmEngine(Engine):
                     running = pending.get(output.request_id)  # None: aborted after this step's output
                     if running is None:
                         continue
+                    image = images[running.key]
+                    if image.held:  # its first caption has a token: its prompt is prefilled
+                        try:
+                            self._release_siblings(engine, running.key, image, pending)
+                        except Exception as exc:  # refused: the image is one error row
+                            self._take_back(engine, image, pending)
+                            del images[running.key]
+                            yield running.key, Caption.failed(f"{type(exc).__name__}: {exc}")
+                            continue
                     caption = _progress_of(running, output)
                     if caption is None:
                         continue
                     del pending[output.request_id]
                     if not output.finished:  # stopped for looping: the engine must not go on with it
                         engine.abort_request([output.request_id])
-                    result = images[running.key].done(running.index, caption)
+                    result = image.done(running.index, caption)
                     if result is not None:
                         del images[running.key]
                         yield running.key, result
@@ -220,6 +272,34 @@ class VllmEngine(Engine):
             self._llm = None
 
 
+class _SharedImage:
+    """How the captions of one image share its work in vLLM.
+
+    Measured on the CPU build: N requests of one image added together are prefilled in the same step
+    and share nothing (`num_cached_tokens` 0 for each), and every request runs the processor on the
+    image again. So the image is rendered once into vLLM's engine input, named by a caprl id (vLLM's
+    `multi_modal_uuids`, so its pixels are never hashed for the caches), and the siblings are added
+    with that input once the first caption has its first token: by then its prompt's full KV blocks are
+    in the prefix cache, and the image's placeholder tokens with them. Each request keeps its own seed,
+    so the tokens are those of N independent requests, seed for seed.
+    """
+
+    @staticmethod
+    def render(engine: Any, prompt: dict[str, Any], name: str) -> Any:
+        """vLLM's engine input for `prompt` (what `add_request` would make of it), made once."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        renderer = engine.renderer
+        parsed = parse_model_prompt(engine.model_config, {**prompt, "multi_modal_uuids": {"image": [name]}})
+        (rendered,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
+        return rendered
+
+
+def _held(images: dict[str, _Image]) -> int:
+    """Captions held back for their image's first one: they count against the requests in flight."""
+    return sum(len(image.held) for image in images.values())
+
+
 def watched_rule(spec: EngineSpec) -> RepetitionRule | None:
     """The loop rule to watch tokens for, or None when no caption could ever meet it: a rule needs at
     least `min_tokens` tokens, so with a smaller `max_tokens` streaming every step's tokens (a
@@ -233,9 +313,16 @@ def watched_rule(spec: EngineSpec) -> RepetitionRule | None:
 
 def _progress_of(running: _Running, output: Any) -> Caption | None:
     """The caption of a request once it is finished or loops; None while it goes on."""
-    if running.tracker is None:  # whole captions only
+    if not running.streamed:  # whole captions only
         return _caption_of(output) if output.finished else None
     completion = output.outputs[0]
+    if running.tracker is None:  # streamed only so that its siblings could start: no loop watch
+        running.text.append(completion.text)
+        running.token_count += len(completion.token_ids)
+        running.prompt_tokens = running.prompt_tokens or len(output.prompt_token_ids or [])
+        if not output.finished:
+            return None
+        return _caption_of(output, "".join(running.text), running.token_count, running.prompt_tokens)
     running.text.append(completion.text)
     running.prompt_tokens = running.prompt_tokens or len(output.prompt_token_ids or [])
     looping = running.tracker.extend(completion.token_ids)
