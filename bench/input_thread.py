@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""How many images per second one engine's calling thread can feed, whatever the GPU: the input-thread
+ceiling.
+
+In offline vLLM the thread that drives `LLMEngine` also runs each request's input processing (the
+processor's rescale, normalise and patchify, the packing of multimodal fields) inside `add_request`,
+and each step's output processing (incremental detokenizing of every running request); caprl's own
+per-request work (seeds, feeding, results) runs there too. On a GPU the model runs elsewhere (the
+engine core is another process), so these are what the thread does per image, and their sum bounds
+the images/s of one engine. Measured on caprl's own `VllmEngine`, per image, at CapRL's pixel budget
+(1280 visual tokens, 1008x1008 images, about 1 MP) and at 256 tokens (448x448):
+
+    input      `add_request` of an image already on the grid (then aborted): vLLM's input processing
+    caprl      caprl's work per image in `VllmEngine.caption`, outside `add_request` and `step`
+    output     vLLM's output processing per output token (`process_outputs` time / tokens)
+
+ceiling = 1 / (input + caprl + output x output tokens), beside the FLOP-count estimate of an H100
+(bench/gpu/estimate.py). The model's weights do not enter any of these, so the tiny random model
+measures them as CapRL-3B would (with `--model` any model folder works).
+
+    .venv/bin/python bench/input_thread.py --quick --json build/input-thread.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+from estimate import OUTPUT_TOKENS, estimate  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
+
+SETTINGS = {1280: 1008, 256: 448}  # visual tokens: the side of a square image on the grid with that many
+
+
+class Timed:
+    """Wraps a callable, adding its wall time to `seconds` and counting calls."""
+
+    def __init__(self, function: Any) -> None:
+        self.function, self.seconds, self.calls = function, 0.0, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def measure(model: str, tokens: int, images: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    """The per-image times of one setting, median over `rounds` (fresh timers each round)."""
+    import numpy as np
+    from PIL import Image
+
+    from caprl_cli.engines.base import ImageRequest
+    from caprl_cli.engines.vllm_engine import VllmEngine
+    from caprl_cli.execute.local import engine_spec, load_model
+    from caprl_cli.settings import CaptionSettings
+
+    side = SETTINGS[tokens]
+    settings = CaptionSettings(
+        inputs=(), output=None, output_format="jsonl", model=model, engine="vllm", dtype="float32",
+        max_tokens=max_tokens, max_pixels=tokens * 28 * 28, temperature=1.0, top_p=1.0, seed=0, max_repeats=0,
+    )
+    source, profile = load_model(settings)
+    engine = VllmEngine(engine_spec(settings, source, profile))
+    llm_engine = engine._llm.llm_engine
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(images)]
+    requests = [ImageRequest(f"img{n:05d}.jpg", picture) for n, picture in enumerate(pictures)]
+    prompt_tokens = 0
+    found: dict[str, list[float]] = {"input_s": [], "caprl_s": [], "output_s_per_token": []}
+    originals = llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs
+    try:
+        list(engine.caption(requests[:4]))  # warm-up
+        for _ in range(rounds):
+            add = Timed(originals[0])
+            llm_engine.add_request = add
+            ids = []
+            for number, request in enumerate(requests):
+                ids.append(f"probe-{number}")
+                add(ids[-1], {"prompt": engine.spec.prompt_text, "multi_modal_data": {"image": request.image}},
+                    engine._sampling_params(request.key, 0))
+            llm_engine.abort_request(ids)
+            found["input_s"].append(add.seconds / len(requests))
+            add, step, out = Timed(originals[0]), Timed(originals[1]), Timed(originals[2])
+            llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = add, step, out
+            start = time.perf_counter()
+            captions = [caption for _, caption in engine.caption(requests)]
+            total = time.perf_counter() - start
+            output_tokens = sum(caption.output_tokens or 0 for caption in captions)
+            prompt_tokens = captions[0].prompt_tokens or 0
+            found["caprl_s"].append((total - add.seconds - step.seconds) / len(requests))
+            found["output_s_per_token"].append(out.seconds / max(1, output_tokens))
+    finally:
+        llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = originals
+        engine.close()
+    per = {name: statistics.median(values) for name, values in found.items()}
+    return {"visual_tokens": tokens, "image_side": side, "prompt_tokens": prompt_tokens, "images": images,
+            "rounds": rounds, "max_tokens": max_tokens, **per, "all_rounds": found}
+
+
+def ceiling(facts: dict[str, Any], output_tokens: int) -> float:
+    """Images/s of one engine's calling thread at `output_tokens` per caption."""
+    return 1.0 / (facts["input_s"] + facts["caprl_s"] + facts["output_s_per_token"] * output_tokens)
+
+
+def report(results: list[dict[str, Any]], output_tokens: int) -> list[str]:
+    lines = [
+        f"| visual tokens | input ms/img | caprl ms/img | output µs/token | thread ms/img at {output_tokens} tok "
+        f"| ceiling img/s | H100 estimate img/s | ceiling ÷ estimate |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for facts in results:
+        rate = ceiling(facts, output_tokens)
+        gpu = estimate(facts["visual_tokens"], output_tokens).images_per_s
+        lines.append(
+            f"| {facts['visual_tokens']} | {facts['input_s'] * 1e3:.2f} | {facts['caprl_s'] * 1e3:.2f} | "
+            f"{facts['output_s_per_token'] * 1e6:.1f} | {1e3 / rate:.2f} | {rate:.1f} | {gpu:.1f} | "
+            f"{rate / gpu:.2f}x{'' if rate >= 3 * gpu else ' (under 3x)'} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model folder (default: build the tiny random Qwen2.5-VL)")
+    parser.add_argument("--tokens", default="1280,256", help="visual-token settings to measure")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per caption while measuring")
+    parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="caption length of the ceiling")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="24 images, 2 rounds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    images, rounds = (24, 2) if args.quick else (args.images, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="caprl-input-thread-") as temp:
+        model = args.model or str(build_tiny_model(Path(temp)))
+        results = [measure(model, int(t), images, args.max_tokens, rounds) for t in args.tokens.split(",")]
+    lines = report(results, args.output_tokens)
+    print("\n".join(lines), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"results": results, "output_tokens": args.output_tokens,
+                                         "table": lines, "load_average": os.getloadavg()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
