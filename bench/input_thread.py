@@ -8,7 +8,7 @@ and each step's output processing (incremental detokenizing of every running req
 per-request work (seeds, feeding, results) runs there too. On a GPU the model runs elsewhere (the
 engine core is another process), so these are what the thread does per image, and their sum bounds
 the images/s of one engine. Measured on caprl's own `VllmEngine`, per image, at CapRL's pixel budget
-(1280 visual tokens, 1008x1008 images, about 1 MP) and at 256 tokens (448x448):
+(at most 1280 visual tokens: 980x980 images on the grid, about 1 MP) and at 256 tokens (448x448):
 
     input      `add_request` of an image already on the grid (then aborted): vLLM's input processing
     caprl      caprl's work per image in `VllmEngine.caption`, outside `add_request` and `step`
@@ -40,7 +40,12 @@ sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 from estimate import OUTPUT_TOKENS, estimate  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
-SETTINGS = {1280: 1008, 256: 448}  # visual tokens: the side of a square image on the grid with that many
+
+
+def side_for(tokens: int) -> int:
+    """The side of the largest square image on the 28-pixel grid with at most `tokens` visual tokens
+    (980 for 1280: 1225 tokens, 0.96 MP; 448 for 256)."""
+    return int(tokens**0.5) * 28
 
 
 class Timed:
@@ -68,7 +73,7 @@ def measure(model: str, tokens: int, images: int, max_tokens: int, rounds: int) 
     from caprl_cli.execute.local import engine_spec, load_model
     from caprl_cli.settings import CaptionSettings
 
-    side = SETTINGS[tokens]
+    side = side_for(tokens)
     settings = CaptionSettings(
         inputs=(), output=None, output_format="jsonl", model=model, engine="vllm", dtype="float32",
         max_tokens=max_tokens, max_pixels=tokens * 28 * 28, temperature=1.0, top_p=1.0, seed=0, max_repeats=0,

@@ -708,6 +708,34 @@ def tokens_check(results: dict[str, Result]) -> tuple[bool, list[str]]:
     return not unequal, unequal
 
 
+def run_extras(model_path: str, work: Path, env: dict[str, str], quick: bool) -> dict[str, Any]:
+    """After the contenders: the input-thread ceiling (bench/input_thread.py) beside the H100 FLOP
+    estimate (bench/gpu/estimate.py), and `--num-captions 4` shared against separate requests
+    (bench/shared_captions.py), each in its own process on the same model; their lines for the report."""
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    from estimate import OUTPUT_TOKENS, describe, estimate
+
+    size = ["--quick"] if quick else []
+    found: dict[str, Any] = {}
+    for name, script, extra in (
+        ("input_thread", "input_thread.py", []),
+        ("shared_captions", "shared_captions.py", [] if quick else ["--side", "980"]),
+    ):
+        print(f"running {script} ...", flush=True)
+        result = work / f"{name}.json"
+        run_watched([sys.executable, str(ROOT / "bench" / script), "--model", model_path, *size, *extra,
+                     "--json", str(result)], env, [], work / f"{name}.log")
+        found[name] = json.loads(result.read_text())
+    gpu = [asdict(estimate(tokens, OUTPUT_TOKENS)) for tokens in (1280, 256)]
+    shared = found["shared_captions"]
+    lines = ["", f"input-thread ceiling of one engine (bench/input_thread.py), at {OUTPUT_TOKENS} output tokens:",
+             *found["input_thread"]["table"], "",
+             "H100 FLOP estimate (bench/gpu/estimate.py): " + describe(estimate(1280, OUTPUT_TOKENS)),
+             "", f"--num-captions 4 (bench/shared_captions.py): shared ÷ separate requests "
+             f"{shared['shared_over_separate']:.2f}x, captions identical seed for seed: {shared['identical']}"]
+    return {**found, "gpu_estimate": gpu, "lines": lines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id or model folder (default: build the tiny random Qwen2.5-VL)")
@@ -726,6 +754,8 @@ def main() -> None:
                         "(development: measuring one setting, e.g. --caprl-args='--workers 1 --max-repeats 0')")
     parser.add_argument("--corpus-dir", type=Path, default=ROOT / "build" / "bench-corpus")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the input-thread ceiling and the --num-captions 4 sharing run that follow the contenders")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -785,6 +815,7 @@ def main() -> None:
         config_path = work / "config.json"
         config_path.write_text(json.dumps(config))
         results: dict[str, Result] = {}
+        extras = {} if args.no_extras or args.only else {"model": model_path}
         for name in [n for n in chosen if n not in SERVED]:
             print(f"running {name} ...", flush=True)
             if name == "caprl":
@@ -808,6 +839,8 @@ def main() -> None:
                     print(f"  {name}: {results[name].images_per_s:.2f} images/s", flush=True)
             finally:
                 stop_server(server)
+        if extras:
+            extras = run_extras(model_path, work, env, quick)
     equal, unequal = tokens_check(results)
     print()
     print(markdown_table(results))
@@ -815,6 +848,8 @@ def main() -> None:
     for line in target_lines(results):
         print(line)
     print("output tokens per image: " + ("equal" if equal else "NOT equal: " + "; ".join(unequal)))
+    for line in extras.get("lines", []):
+        print(line)
     print(f"total time: {time.perf_counter() - started:.0f}s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -830,6 +865,9 @@ def main() -> None:
             "machine": machine_facts(),
             "versions": versions(),
             "quick": quick,
+            "input_thread": extras.get("input_thread"),
+            "shared_captions": extras.get("shared_captions"),
+            "gpu_estimate": extras.get("gpu_estimate"),
             "total_s": round(time.perf_counter() - started, 1),
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))

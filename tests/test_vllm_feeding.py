@@ -230,3 +230,24 @@ def test_sharing_changes_no_token_seed_for_seed(shared_engine, monkeypatch) -> N
     assert {key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in shared.items()} == {
         key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in alone.items()
     }
+
+
+# -- caprl decodes each caption once instead of vLLM detokenizing every step -------------------------
+
+
+@pytest.mark.parametrize("fixture", ["engine", "shared_engine"])
+def test_captions_decoded_once_read_as_vllms_own_detokenizer(fixture: str, request: pytest.FixtureRequest,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = request.getfixturevalue(fixture)
+    images = shared_requests(4) + [ImageRequest(f"flat{n}", Image.new("RGB", (56, 56), (n * 60, 90, 30)))
+                                   for n in range(4)]
+    assert engine._sampling_params("k", 0).detokenize is False  # vLLM's per-step detokenizing is off
+
+    def texts(in_vllm: bool) -> dict[str, list[tuple[str, int | None]]]:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "detokenize_in_vllm", in_vllm)
+            return {key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in engine.caption(images)}
+
+    decoded, detokenized = texts(False), texts(True)
+    assert decoded == detokenized
+    assert sum(len(text) for captions in decoded.values() for text, _ in captions) > 0

@@ -45,7 +45,6 @@ TEXT_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True,
     "use_sliding_window": False,
-    "sliding_window": 32768,
     "max_window_layers": 70,
     "attention_dropout": 0.0,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
@@ -65,12 +64,13 @@ VISION_CONFIG: dict[str, Any] = {
     "tokens_per_second": 2,
     "out_hidden_size": 2048,
 }
-# What --reduced changes: widths and depths only (head_dim 16: mrope sections sum to 8).
-REDUCED_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+# What --reduced changes: widths and depths only (head_dim 32, the smallest vLLM's CPU attention takes:
+# mrope sections sum to 16).
+REDUCED_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}}
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}}
 REDUCED_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                  "fullatt_block_indexes": [1], "out_hidden_size": 64}
+                  "fullatt_block_indexes": [1], "out_hidden_size": 128}
 
 
 def configs(reduced: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
