@@ -12,7 +12,15 @@ the images/s of one engine. Measured on caprl's own `VllmEngine`, per image, at 
 
     input      `add_request` of an image already on the grid (then aborted): vLLM's input processing
     caprl      caprl's work per image in `VllmEngine.caption`, outside `add_request` and `step`
+               (decoding each caption's tokens once included)
     output     vLLM's output processing per output token (`process_outputs` time / tokens)
+
+Each round measures the code before and the engine as it is, side by side. Before, the engine's
+thread did all of it, and vLLM detokenized every running request at every step. Now the feeder's
+thread renders each image (vLLM's processor, `_SharedImage.render`), the engine's thread only adds the
+rendered input (`input` of a rendered prompt), and caprl decodes each caption once
+(`VllmEngine.render_ahead`, `VllmEngine.detokenize_in_vllm`): one engine is then bound by the slower of
+its two threads.
 
 ceiling = 1 / (input + caprl + output x output tokens), beside the FLOP-count estimate of an H100
 (bench/gpu/estimate.py). The model's weights do not enter any of these, so the tiny random model
@@ -85,29 +93,50 @@ def measure(model: str, tokens: int, images: int, max_tokens: int, rounds: int) 
     pictures = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(images)]
     requests = [ImageRequest(f"img{n:05d}.jpg", picture) for n, picture in enumerate(pictures)]
     prompt_tokens = 0
-    found: dict[str, list[float]] = {"input_s": [], "caprl_s": [], "output_s_per_token": []}
+    from caprl_cli.engines.vllm_engine import _SharedImage
+
+    found: dict[str, list[float]] = {name: [] for name in (
+        "input_s", "render_s", "input_rendered_s", "caprl_s", "output_s_per_token", "caprl_s_vllm_detok",
+        "output_s_per_token_vllm_detok")}
     originals = llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs
+    prompts = [{"prompt": engine.spec.prompt_text, "multi_modal_data": {"image": r.image}} for r in requests]
     try:
         list(engine.caption(requests[:4]))  # warm-up
-        for _ in range(rounds):
+        for round_no in range(rounds):
+            # vLLM's input processing inside add_request (the code before) ...
             add = Timed(originals[0])
-            llm_engine.add_request = add
-            ids = []
-            for number, request in enumerate(requests):
-                ids.append(f"probe-{number}")
-                add(ids[-1], {"prompt": engine.spec.prompt_text, "multi_modal_data": {"image": request.image}},
-                    engine._sampling_params(request.key, 0))
+            ids = [f"probe-{round_no}-{n}" for n in range(len(requests))]
+            for request_id, request, prompt in zip(ids, requests, prompts):
+                add(request_id, prompt, engine._sampling_params(request.key, 0))
             llm_engine.abort_request(ids)
             found["input_s"].append(add.seconds / len(requests))
-            add, step, out = Timed(originals[0]), Timed(originals[1]), Timed(originals[2])
-            llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = add, step, out
-            start = time.perf_counter()
-            captions = [caption for _, caption in engine.caption(requests)]
-            total = time.perf_counter() - start
-            output_tokens = sum(caption.output_tokens or 0 for caption in captions)
-            prompt_tokens = captions[0].prompt_tokens or 0
-            found["caprl_s"].append((total - add.seconds - step.seconds) / len(requests))
-            found["output_s_per_token"].append(out.seconds / max(1, output_tokens))
+            # ... and split as the engine does it now: rendered on the feeder's thread, then added.
+            render = Timed(_SharedImage.render)
+            rendered = [render(llm_engine, prompt, f"probe-image-{round_no}-{n}") for n, prompt in enumerate(prompts)]
+            add = Timed(originals[0])
+            ids = [f"probe-rendered-{round_no}-{n}" for n in range(len(requests))]
+            for request_id, request, prompt in zip(ids, requests, rendered):
+                add(request_id, prompt, engine._sampling_params(request.key, 0))
+            llm_engine.abort_request(ids)
+            found["render_s"].append(render.seconds / len(requests))
+            found["input_rendered_s"].append(add.seconds / len(requests))
+            # caprl's own work and vLLM's output processing on the engine's thread: with vLLM
+            # detokenizing every step (before) and with caprl decoding once per caption (now). Rendering
+            # stays inside add_request here, so no wait for the feeder counts as caprl's time.
+            engine.render_ahead = False
+            for suffix, in_vllm in (("_vllm_detok", True), ("", False)):
+                engine.detokenize_in_vllm = in_vllm
+                add, step, out = Timed(originals[0]), Timed(originals[1]), Timed(originals[2])
+                llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = add, step, out
+                start = time.perf_counter()
+                captions = [caption for _, caption in engine.caption(requests)]
+                total = time.perf_counter() - start
+                output_tokens = sum(caption.output_tokens or 0 for caption in captions)
+                prompt_tokens = captions[0].prompt_tokens or 0
+                found["caprl_s" + suffix].append((total - add.seconds - step.seconds) / len(requests))
+                found["output_s_per_token" + suffix].append(out.seconds / max(1, output_tokens))
+                llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = originals
+            del engine.detokenize_in_vllm, engine.render_ahead
     finally:
         llm_engine.add_request, llm_engine.step, llm_engine.output_processor.process_outputs = originals
         engine.close()
@@ -116,25 +145,37 @@ def measure(model: str, tokens: int, images: int, max_tokens: int, rounds: int) 
             "rounds": rounds, "max_tokens": max_tokens, **per, "all_rounds": found}
 
 
-def ceiling(facts: dict[str, Any], output_tokens: int) -> float:
-    """Images/s of one engine's calling thread at `output_tokens` per caption."""
-    return 1.0 / (facts["input_s"] + facts["caprl_s"] + facts["output_s_per_token"] * output_tokens)
+def ceilings(facts: dict[str, Any], output_tokens: int) -> dict[str, float]:
+    """Images/s one engine can be fed at `output_tokens` per caption: before (everything on the engine's
+    thread, vLLM detokenizing every step) and now (the engine's thread: adding a rendered input, caprl's
+    work, output processing; the feeder's thread: rendering; the slower of the two bounds it)."""
+    before = facts["input_s"] + facts["caprl_s_vllm_detok"] + facts["output_s_per_token_vllm_detok"] * output_tokens
+    engine_thread = facts["input_rendered_s"] + facts["caprl_s"] + facts["output_s_per_token"] * output_tokens
+    return {"before": 1.0 / before, "engine_thread": 1.0 / engine_thread, "feeder_thread": 1.0 / facts["render_s"],
+            "now": 1.0 / max(engine_thread, facts["render_s"])}
 
 
 def report(results: list[dict[str, Any]], output_tokens: int) -> list[str]:
     lines = [
-        f"| visual tokens | input ms/img | caprl ms/img | output µs/token | thread ms/img at {output_tokens} tok "
-        f"| ceiling img/s | H100 estimate img/s | ceiling ÷ estimate |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| visual tokens | code | engine thread: input ms/img | caprl ms/img | output µs/token | feeder thread: "
+        f"render ms/img | ceiling img/s at {output_tokens} tok | H100 estimate img/s | ceiling ÷ estimate |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for facts in results:
-        rate = ceiling(facts, output_tokens)
         gpu = estimate(facts["visual_tokens"], output_tokens).images_per_s
-        lines.append(
-            f"| {facts['visual_tokens']} | {facts['input_s'] * 1e3:.2f} | {facts['caprl_s'] * 1e3:.2f} | "
-            f"{facts['output_s_per_token'] * 1e6:.1f} | {1e3 / rate:.2f} | {rate:.1f} | {gpu:.1f} | "
-            f"{rate / gpu:.2f}x{'' if rate >= 3 * gpu else ' (under 3x)'} |"
+        rates = ceilings(facts, output_tokens)
+        rows = (
+            ("before (one thread, vLLM detokenizing)", facts["input_s"], facts["caprl_s_vllm_detok"],
+             facts["output_s_per_token_vllm_detok"], None, rates["before"]),
+            ("now (rendered ahead, decoded once)", facts["input_rendered_s"], facts["caprl_s"],
+             facts["output_s_per_token"], facts["render_s"], rates["now"]),
         )
+        for how, add, own, out, render, rate in rows:
+            lines.append(
+                f"| {facts['visual_tokens']} | {how} | {add * 1e3:.2f} | {own * 1e3:.2f} | {out * 1e6:.1f} | "
+                f"{'–' if render is None else f'{render * 1e3:.2f}'} | {rate:.1f} | {gpu:.1f} | "
+                f"{rate / gpu:.2f}x{'' if rate >= 3 * gpu else ' (under 3x)'} |"
+            )
     return lines
 
 

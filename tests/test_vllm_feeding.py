@@ -108,6 +108,29 @@ def test_an_error_of_the_input_reaches_the_caller(engine) -> None:
     assert [key for key, _ in engine.caption([request("after", 20)])] == ["after"]
 
 
+def test_images_are_rendered_on_the_feeders_thread_once_each(engine, monkeypatch) -> None:
+    recorded = Recorded(engine, monkeypatch)
+    keys = [key for key, caption in engine.caption([request(f"r{n}", n * 30) for n in range(5)])]
+    assert sorted(keys) == [f"r{n}" for n in range(5)]
+    assert recorded.renders == 5 and recorded.render_threads == {"caprl-vllm-feeder"}
+
+
+def test_an_image_the_processor_refuses_is_one_error_row(engine, monkeypatch) -> None:
+    render = engine._llm.llm_engine.renderer.render_cmpl
+    refused = {"id": None}
+
+    def refusing(prompts, *args, **kwargs):
+        if refused["id"] is None:
+            refused["id"] = prompts[0]["multi_modal_uuids"]["image"][0]
+            raise ValueError("image too odd")
+        return render(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine._llm.llm_engine.renderer, "render_cmpl", refusing)
+    results = dict(engine.caption([request("odd", 1), request("fine", 2)]))
+    assert results["odd"].error == "ValueError: image too odd"
+    assert results["fine"].error is None
+
+
 def test_images_are_not_hashed_for_caches_that_never_hit(engine) -> None:
     """Neither the processor cache nor prefix caching is on (prompts share less than one KV block
     before the image), so vLLM's input thread skips hashing every image's pixels."""
@@ -156,6 +179,7 @@ class Recorded:
         self.tokens: dict[int, list[int]] = {}  # seed -> tokens
         self.cached: dict[int, int] = {}  # seed -> num_cached_tokens
         self.renders = 0
+        self.render_threads: set[str] = set()
         add, step, render = llm_engine.add_request, llm_engine.step, llm_engine.renderer.render_cmpl
 
         def recording_add(request_id: str, prompt: object, params: object, *args: object, **kwargs: object) -> str:
@@ -173,6 +197,7 @@ class Recorded:
 
         def counting_render(*args: object, **kwargs: object) -> object:
             self.renders += 1
+            self.render_threads.add(threading.current_thread().name)
             return render(*args, **kwargs)
 
         monkeypatch.setattr(llm_engine, "add_request", recording_add)
@@ -193,6 +218,8 @@ def caption_run(engine: object, share: bool, monkeypatch: pytest.MonkeyPatch) ->
     images = shared_requests(3)
     with monkeypatch.context() as patch:
         patch.setattr(engine, "share_captions", share)
+        if not share:  # the code before: vLLM renders every caption's request inside add_request
+            patch.setattr(engine, "render_ahead", False)
         recorded = Recorded(engine, patch)
         captions = dict(engine.caption(images))
     return captions, recorded
@@ -210,6 +237,7 @@ def test_siblings_reuse_the_first_captions_prefill_and_rendering(shared_engine, 
     assert sorted(captions) == ["img0", "img1", "img2"]
     assert all(caption.error is None and len(caption.all) == CAPTIONS for caption in captions.values())
     assert recorded.renders == 3  # the processor ran once per image, not once per caption
+    assert recorded.render_threads == {"caprl-vllm-feeder"}  # off the thread that drives the engine
     block = shared_engine._llm.llm_engine.vllm_config.cache_config.block_size
     seeds = list(recorded.seeds.values())
     for key in captions:
@@ -224,7 +252,8 @@ def test_siblings_reuse_the_first_captions_prefill_and_rendering(shared_engine, 
 def test_sharing_changes_no_token_seed_for_seed(shared_engine, monkeypatch) -> None:
     shared, with_sharing = caption_run(shared_engine, True, monkeypatch)
     alone, without = caption_run(shared_engine, False, monkeypatch)
-    assert without.renders == 3 * CAPTIONS  # each caption its own request, as with sharing off
+    assert without.renders == 3 * CAPTIONS  # each caption its own request, rendered by vLLM
+    assert without.render_threads == {threading.current_thread().name}
     assert set(with_sharing.tokens) == set(without.tokens)
     assert with_sharing.tokens == without.tokens
     assert {key: [(c.text, c.output_tokens) for c in caption.all] for key, caption in shared.items()} == {

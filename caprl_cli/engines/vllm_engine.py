@@ -3,7 +3,9 @@
 Requests are added to vLLM's engine as prepared images arrive and results are taken as they finish,
 rather than one `generate` call per image or per chunk (which would drain the batch at every chunk
 end). Each request carries its own seed, so a caption does not depend on what it was batched with.
-Prepared images reach the engine through a `Feeder`, so waiting for one never pauses the batch.
+Prepared images reach the engine through a `Feeder`, so waiting for one never pauses the batch, and
+the feeder's thread also renders them for vLLM (its processor's work), off the thread that drives the
+engine. vLLM is asked for token ids only; each caption is decoded once when it ends.
 
 With `num_captions` N > 1 each image is N requests, request i seeded from (seed, key, i) (vLLM's `n`
 seeds its samples seed, seed + 1, ..., so caption i of one image would share its seed with caption 0 of
@@ -95,6 +97,9 @@ class VllmEngine(Engine):
     # thread's time per image). caprl asks for token ids only and decodes each caption once when it
     # ends (the same text: vLLM's detokenizer skips special tokens as this does). True: vLLM's text.
     detokenize_in_vllm = False
+    # Render each image (vLLM's processor) on the feeder's thread, ahead of the engine; False: inside
+    # `add_request`, on the engine's thread (the code before; kept for bench/input_thread.py).
+    render_ahead = True
 
     def __init__(self, spec: EngineSpec, share_captions: bool | None = None) -> None:
         """`share_captions` (default: on when `num_captions` > 1) lets the captions of one image share
@@ -163,15 +168,38 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA if self._watch or streamed else RequestOutputKind.FINAL_ONLY,
         )
 
-    def _add_image(self, engine: Any, item: ImageRequest, pending: dict[str, _Running]) -> _Image:
-        """Add the requests of `item`'s captions (with sharing: the first only, its siblings held for
+    def _rendered(self, engine: Any, items: Iterable[ImageRequest]) -> Iterator[_Prepared]:
+        """Each image with vLLM's engine input for it, rendered here, on the feeder's thread: the
+        processor's work (rescale, normalise, patchify, field packing: 5-15 ms per image here) then
+        overlaps the engine's steps instead of taking turns with them on the thread that drives it.
+        A refusal of the processor travels with its image; an error of `items` itself propagates."""
+        for item in items:
+            try:
+                rendered = _SharedImage.render(engine, self._prompt(item), f"caprl-image-{next(self._image_ids)}")
+            except Exception as exc:  # refused by vLLM's input processing: that image's error row
+                yield _Prepared(item, None, exc)
+            else:
+                yield _Prepared(item, rendered, None)
+
+    def _prompt(self, item: ImageRequest) -> dict[str, Any]:
+        return {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}}
+
+    def _add_image(self, engine: Any, prepared: _Prepared, pending: dict[str, _Running]) -> _Image:
+        """Add the requests of an image's captions (with sharing: the first only, its siblings held for
         `_release_siblings`); on a refusal, those already added are taken back and it propagates."""
+        item = prepared.item
+        if prepared.error is not None:
+            raise prepared.error
         count = self.spec.sampling.num_captions
         image = _Image(count)
-        prompt: Any = {"prompt": self.spec.prompt_text, "multi_modal_data": {"image": item.image}}
+        prompt: Any = prepared.rendered
+        if prompt is None:  # rendered by vLLM inside `add_request` (render_ahead off)
+            prompt = self._prompt(item)
         first = range(count)
         if self.share_captions and count > 1:
-            prompt = image.rendered = _SharedImage.render(engine, prompt, f"caprl-image-{next(self._image_ids)}")
+            if prepared.rendered is None:
+                prompt = _SharedImage.render(engine, prompt, f"caprl-image-{next(self._image_ids)}")
+            image.rendered = prompt
             first, image.held = range(1), list(range(1, count))
         try:
             for index in first:
@@ -217,7 +245,8 @@ class VllmEngine(Engine):
         decode = None if self.detokenize_in_vllm else self._decoder()
         # Requests come from a thread of their own, so a slow image (a large file, a slow URL) never
         # stops the engine from stepping the sequences it already runs.
-        feeder: Feeder[ImageRequest] = Feeder(items, _QUEUE_HEADROOM, name="caprl-vllm-feeder")
+        prepared = self._rendered(engine, items) if self.render_ahead else (_Prepared(i, None, None) for i in items)
+        feeder: Feeder[_Prepared] = Feeder(prepared, _QUEUE_HEADROOM, name="caprl-vllm-feeder")
         pending: dict[str, _Running] = {}
         images: dict[str, _Image] = {}
         exhausted = False
@@ -228,12 +257,12 @@ class VllmEngine(Engine):
                     item = feeder.take(None if pending else _INPUT_WAIT_S)
                     if isinstance(item, Ended):
                         exhausted = True
-                    if not isinstance(item, ImageRequest):
+                    if not isinstance(item, _Prepared):
                         break
                     try:
-                        images[item.key] = self._add_image(engine, item, pending)
+                        images[item.item.key] = self._add_image(engine, item, pending)
                     except Exception as exc:  # refused by vLLM's input processing: one error row
-                        yield item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
+                        yield item.item.key, Caption.failed(f"{type(exc).__name__}: {exc}")
                 if should_stop():
                     return
                 if not pending:
@@ -295,6 +324,16 @@ class VllmEngine(Engine):
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             self._llm = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An image as the feeder hands it over: rendered for vLLM, or the processor's refusal of it (both
+    None: to be rendered by `add_request`)."""
+
+    item: ImageRequest
+    rendered: Any
+    error: Exception | None
 
 
 class _SharedImage:
