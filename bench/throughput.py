@@ -277,13 +277,38 @@ def role_of(cmdline: list[str]) -> str:
     return "worker" if "spawn_main" in text and "resource_tracker" not in text else "other"
 
 
+# `--py-spy PATH`: where py-spy is, and the folder its profiles go to (None: no profiling).
+PROFILE: dict[str, Path | None] = {"py_spy": None, "folder": None}
+
+
+def profiling(pid: int, name: str) -> subprocess.Popen | None:
+    """Sample `pid` and its children with py-spy into `<folder>/<name>.txt` (collapsed stacks, one
+    line per stack and thread), when `--py-spy` asked for it; stop it with `stop_profiling`."""
+    if PROFILE["py_spy"] is None or PROFILE["folder"] is None:
+        return None
+    output = PROFILE["folder"] / f"{name}.txt"
+    return subprocess.Popen([str(PROFILE["py_spy"]), "record", "--pid", str(pid), "--subprocesses", "--threads",
+                             "--rate", "50", "--format", "raw", "--output", str(output), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiling(sampler: subprocess.Popen | None) -> None:
+    if sampler is not None:
+        if sampler.poll() is None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        sampler.wait(60)
+
+
 def run_watched(command: list[str], env: dict[str, str], extra_roots: list[int], log: Path) -> tuple[TreeWatch, float]:
     """Run `command` to its end while watching its tree (and `extra_roots`); returns the watch and wall time."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        samplers = [profiling(proc.pid, log.stem), *(profiling(root, f"{log.stem}.server") for root in extra_roots)]
         with TreeWatch([proc.pid, *extra_roots]) as watch:
             code = proc.wait()
+        for sampler in samplers:
+            stop_profiling(sampler)
     if code != 0:
         tail = log.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{' '.join(command[:6])} ... exited {code}:\n{tail}")
@@ -754,6 +779,8 @@ def main() -> None:
                         "(development: measuring one setting, e.g. --caprl-args='--workers 1 --max-repeats 0')")
     parser.add_argument("--corpus-dir", type=Path, default=ROOT / "build" / "bench-corpus")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--py-spy", type=Path, help="profile every contender's processes (and the server's) "
+                        "with this py-spy binary; collapsed stacks go next to --json (bench/profile_summary.py reads them)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the input-thread ceiling and the --num-captions 4 sharing run that follow the contenders")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -776,6 +803,10 @@ def main() -> None:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     started = time.perf_counter()
+    if args.py_spy:
+        PROFILE["py_spy"] = args.py_spy
+        PROFILE["folder"] = (args.json.parent if args.json else ROOT / "build") / "profiles"
+        PROFILE["folder"].mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="caprl-bench-") as temp:
         work = Path(temp)
         if args.model:
