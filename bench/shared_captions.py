@@ -8,7 +8,8 @@ a shared machine):
     separate   each caption its own request (the code before sharing: prefix caching off, the image
                rendered by vLLM's processor N times, vision encoder and prefill run N times)
     shared     the image rendered once, its first caption prefilled before its N - 1 siblings, prefix
-               caching on: the siblings reuse the image's encoder output and prompt KV
+               caching on (on a GPU; on the CPU build only with --prefix-caching): the siblings reuse
+               the image's encoder output and prompt KV
 
 Both must give the same captions, seed for seed; the script checks every caption's text and token
 count and exits non-zero if any differs.
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="32 images of 448x448 (256 tokens), 16 tokens, 2 rounds")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="on the CPU build too (off there by default: see VllmEngine; it can fail on many images)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -74,7 +77,7 @@ def main() -> None:
         )
         source, profile = load_model(settings)
         spec = engine_spec(settings, source, profile)
-        engines = {"separate": VllmEngine(spec, share_captions=False), "shared": VllmEngine(spec, share_captions=True)}
+        engines = {"separate": VllmEngine(spec, share_captions=False), "shared": VllmEngine(spec, share_captions=True, prefix_caching=True if args.prefix_caching else None)}
         pictures = images_of(args.images, args.side)
         round_no = [0]
 
@@ -101,16 +104,18 @@ def main() -> None:
             print(f"round {number + 1}: separate {rates['separate'][-1]:.2f}, shared {rates['shared'][-1]:.2f} "
                   f"images/s ({rates['shared'][-1] / rates['separate'][-1]:.2f}x); captions identical: "
                   f"{texts['separate'] == texts['shared']}", flush=True)
+        caching = engines["shared"]._llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
         for engine in engines.values():
             engine.close()
     ratio = statistics.median(s / p for s, p in zip(rates["shared"], rates["separate"]))
+    print(f"prefix caching of the shared engine: {caching}")
     print(f"--num-captions {args.num_captions}, {args.images} images of {args.side}x{args.side}, "
           f"{args.max_tokens} tokens: shared ÷ separate {ratio:.2f}x (median of {args.rounds} rounds); "
           f"captions identical seed for seed: {identical}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "images_per_s": rates,
-                                         "shared_over_separate": ratio, "identical": identical,
+                                         "shared_over_separate": ratio, "identical": identical, "prefix_caching": caching,
                                          "load_average": os.getloadavg()}, indent=2))
     if not identical:
         raise SystemExit("captions differ between shared and separate requests")

@@ -158,7 +158,9 @@ def shared_engine(tiny_model: Path) -> Iterator[object]:
     source, profile = load_model(settings)
     saved = os.environ.get(_MULTIPROCESSING)
     with _application_context():
-        engine = VllmEngine(engine_spec(settings, source, profile))
+        # Prefix caching is off by default on the CPU build (see VllmEngine); on here, with few
+        # images (well inside the encoder cache), to check the sharing a GPU gets.
+        engine = VllmEngine(engine_spec(settings, source, profile), prefix_caching=True)
     try:
         yield engine
     finally:
@@ -225,9 +227,24 @@ def caption_run(engine: object, share: bool, monkeypatch: pytest.MonkeyPatch) ->
     return captions, recorded
 
 
-def test_several_captions_turn_prefix_caching_on(shared_engine) -> None:
+def test_several_captions_share_by_default_with_prefix_caching_only_on_a_gpu(shared_engine, monkeypatch) -> None:
+    from caprl_cli.engines import vllm_engine
+
     assert shared_engine.share_captions is True
     assert shared_engine._llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
+    seen: dict[str, object] = {}
+
+    class Recording:
+        def __init__(self, **options: object) -> None:
+            seen.update(options)
+            raise RuntimeError("enough")
+
+    monkeypatch.setattr("vllm.LLM", Recording)
+    for on_cpu, expected in ((True, False), (False, True)):
+        monkeypatch.setattr(vllm_engine, "_prefer_in_process_engine_on_cpu", lambda on_cpu=on_cpu: on_cpu)
+        with pytest.raises(RuntimeError, match="enough"):
+            vllm_engine.VllmEngine(shared_engine.spec)
+        assert seen["enable_prefix_caching"] is expected
 
 
 def test_siblings_reuse_the_first_captions_prefill_and_rendering(shared_engine, monkeypatch) -> None:

@@ -19,6 +19,7 @@ tail loops is aborted and kept as a caption with finish_reason `repetition`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -101,14 +102,25 @@ class VllmEngine(Engine):
     # `add_request`, on the engine's thread (the code before; kept for bench/input_thread.py).
     render_ahead = True
 
-    def __init__(self, spec: EngineSpec, share_captions: bool | None = None) -> None:
+    def __init__(
+        self, spec: EngineSpec, share_captions: bool | None = None, prefix_caching: bool | None = None
+    ) -> None:
         """`share_captions` (default: on when `num_captions` > 1) lets the captions of one image share
-        its rendering, encoder output and prompt prefill; off, each caption is a request of its own."""
+        its rendering and (with `prefix_caching`) its encoder output and prompt prefill; off, each
+        caption is a request of its own. `prefix_caching` defaults to `share_captions` on a GPU and to
+        off on the CPU build: there a sibling whose cached prefix ends inside the image may be
+        scheduled in part when the step's encoder budget runs out, and the CPU worker cannot rewind a
+        seeded request's generator after a partial prefill (it raises)."""
         on_cpu = _prefer_in_process_engine_on_cpu()
         from vllm import LLM
 
         self.spec = spec
         self.share_captions = spec.sampling.num_captions > 1 if share_captions is None else share_captions
+        if prefix_caching is None:
+            prefix_caching = self.share_captions and not on_cpu
+        # Siblings wait for their first caption's prefill only when the prefix cache can serve them
+        # then; without it the wait buys nothing and costs a step (measured: 0.74x on the CPU build).
+        self._hold_siblings = prefix_caching
         options: dict[str, Any] = {
             "model": spec.model_path,
             "dtype": spec.dtype,
@@ -124,7 +136,7 @@ class VllmEngine(Engine):
             # per 448x448 image, 2 ms at 1008x1008), the thread that limits a fast GPU. With several
             # captions sharing their image it hits, and caprl names each image (multi_modal_uuids),
             # so the pixels are never hashed either way.
-            "enable_prefix_caching": self.share_captions,
+            "enable_prefix_caching": prefix_caching,
             "disable_log_stats": True,
             "use_tqdm_on_load": False,
             "seed": spec.sampling.seed,
@@ -144,6 +156,7 @@ class VllmEngine(Engine):
         self._request_ids = itertools.count()  # unique across calls: an aborted request's id is never reused
         self._image_ids = itertools.count()  # names each shared image for vLLM's caches, never reused
         self._watch = watched_rule(spec)
+        self._decode: Decode | None = None
 
     @property
     def version(self) -> str:
@@ -199,8 +212,9 @@ class VllmEngine(Engine):
         if self.share_captions and count > 1:
             if prepared.rendered is None:
                 prompt = _SharedImage.render(engine, prompt, f"caprl-image-{next(self._image_ids)}")
-            image.rendered = prompt
-            first, image.held = range(1), list(range(1, count))
+            if self._hold_siblings:
+                image.rendered = prompt
+                first, image.held = range(1), list(range(1, count))
         try:
             for index in first:
                 self._add_request(engine, item.key, index, prompt, image, pending, streamed=bool(image.held))
@@ -301,8 +315,22 @@ class VllmEngine(Engine):
             feeder.close()
 
     def _decoder(self) -> Decode:
-        """Token ids to caption text, as vLLM's detokenizer would give it (special tokens skipped)."""
+        """The engine's decoder, made on first use (copying a tokenizer takes a moment)."""
+        if self._decode is None:
+            self._decode = self._make_decoder()
+        return self._decode
+
+    def _make_decoder(self) -> Decode:
+        """Token ids to caption text, as vLLM's detokenizer would give it (special tokens skipped).
+
+        A copy of vLLM's tokenizer: the feeder's thread renders (and so tokenizes) prompts with the
+        original while this decodes on the engine's thread, and a fast tokenizer's Rust object refuses
+        to be borrowed by two threads at once while one of them changes its settings."""
         tokenizer = self._llm.get_tokenizer()
+        try:
+            tokenizer = copy.deepcopy(tokenizer)
+        except Exception:  # a tokenizer that cannot be copied is shared, as vLLM itself shares it
+            log.debug("vLLM's tokenizer could not be copied; decoding with it", exc_info=True)
 
         def decode(tokens: list[int]) -> str:
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -339,13 +367,13 @@ class _Prepared:
 class _SharedImage:
     """How the captions of one image share its work in vLLM.
 
-    Measured on the CPU build: N requests of one image added together are prefilled in the same step
-    and share nothing (`num_cached_tokens` 0 for each), and every request runs the processor on the
-    image again. So the image is rendered once into vLLM's engine input, named by a caprl id (vLLM's
-    `multi_modal_uuids`, so its pixels are never hashed for the caches), and the siblings are added
-    with that input once the first caption has its first token: by then its prompt's full KV blocks are
-    in the prefix cache, and the image's placeholder tokens with them. Each request keeps its own seed,
-    so the tokens are those of N independent requests, seed for seed.
+    Each request of an image would run vLLM's processor on it again, and whether requests added
+    together share their prefill depends on how the scheduler places them in a step. So the image is
+    rendered once into vLLM's engine input, named by a caprl id (vLLM's `multi_modal_uuids`, so its
+    pixels are never hashed for the caches), and the siblings are added with that input once the first
+    caption has its first token: by then its prompt's full KV blocks are in the prefix cache, the
+    image's placeholder tokens with them. Each request keeps its own seed, so the tokens are those of
+    N independent requests, seed for seed.
     """
 
     @staticmethod
