@@ -182,16 +182,22 @@ class Recorded:
         self.cached: dict[int, int] = {}  # seed -> num_cached_tokens
         self.renders = 0
         self.render_threads: set[str] = set()
+        self.steps = 0
+        self.added_at: dict[int, int] = {}  # seed -> steps done when it was added
+        self.first_output_at: dict[int, int] = {}  # seed -> the step that gave its first output
         add, step, render = llm_engine.add_request, llm_engine.step, llm_engine.renderer.render_cmpl
 
         def recording_add(request_id: str, prompt: object, params: object, *args: object, **kwargs: object) -> str:
             self.seeds[request_id] = params.seed
+            self.added_at[params.seed] = self.steps
             return add(request_id, prompt, params, *args, **kwargs)
 
         def recording_step() -> list[object]:
             outputs = step()
+            self.steps += 1
             for output in outputs:
                 seed = self.seeds[output.request_id]
+                self.first_output_at.setdefault(seed, self.steps)
                 self.tokens.setdefault(seed, []).extend(output.outputs[0].token_ids)
                 if output.num_cached_tokens is not None:
                     self.cached.setdefault(seed, output.num_cached_tokens)
@@ -262,7 +268,8 @@ def test_siblings_reuse_the_first_captions_prefill_and_rendering(shared_engine, 
         assert recorded.cached[first] == 0  # nothing to share before it
         # the image's tokens: (256 + the prompt's) // block full blocks come from the first's prefill
         assert all(recorded.cached[seed] == (SHARED_SIDE // 28) ** 2 // block * block for seed in siblings)
-        assert seeds.index(first) < min(seeds.index(seed) for seed in siblings)
+        # the siblings went in only after the step that gave the first caption its first token
+        assert all(recorded.added_at[seed] >= recorded.first_output_at[first] for seed in siblings)
     assert len(set(seeds)) == 3 * CAPTIONS  # one seed per caption
 
 
