@@ -88,8 +88,8 @@ def main() -> None:
     def unseeded() -> int:
         original = engine._sampling_params
 
-        def without_seed(key: str, index: int) -> Any:
-            params = original(key, index)
+        def without_seed(key: str, index: int, streamed: bool = False) -> Any:
+            params = original(key, index, streamed)
             params.seed = None
             return params
 

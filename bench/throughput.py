@@ -277,13 +277,38 @@ def role_of(cmdline: list[str]) -> str:
     return "worker" if "spawn_main" in text and "resource_tracker" not in text else "other"
 
 
+# `--py-spy PATH`: where py-spy is, and the folder its profiles go to (None: no profiling).
+PROFILE: dict[str, Path | None] = {"py_spy": None, "folder": None}
+
+
+def profiling(pid: int, name: str) -> subprocess.Popen | None:
+    """Sample `pid` and its children with py-spy into `<folder>/<name>.txt` (collapsed stacks, one
+    line per stack and thread), when `--py-spy` asked for it; stop it with `stop_profiling`."""
+    if PROFILE["py_spy"] is None or PROFILE["folder"] is None:
+        return None
+    output = PROFILE["folder"] / f"{name}.txt"
+    return subprocess.Popen([str(PROFILE["py_spy"]), "record", "--pid", str(pid), "--subprocesses", "--threads",
+                             "--rate", "50", "--format", "raw", "--output", str(output), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiling(sampler: subprocess.Popen | None) -> None:
+    if sampler is not None:
+        if sampler.poll() is None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        sampler.wait(60)
+
+
 def run_watched(command: list[str], env: dict[str, str], extra_roots: list[int], log: Path) -> tuple[TreeWatch, float]:
     """Run `command` to its end while watching its tree (and `extra_roots`); returns the watch and wall time."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        samplers = [profiling(proc.pid, log.stem), *(profiling(root, f"{log.stem}.server") for root in extra_roots)]
         with TreeWatch([proc.pid, *extra_roots]) as watch:
             code = proc.wait()
+        for sampler in samplers:
+            stop_profiling(sampler)
     if code != 0:
         tail = log.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{' '.join(command[:6])} ... exited {code}:\n{tail}")
@@ -708,6 +733,34 @@ def tokens_check(results: dict[str, Result]) -> tuple[bool, list[str]]:
     return not unequal, unequal
 
 
+def run_extras(model_path: str, work: Path, env: dict[str, str], quick: bool) -> dict[str, Any]:
+    """After the contenders: the input-thread ceiling (bench/input_thread.py) beside the H100 FLOP
+    estimate (bench/gpu/estimate.py), and `--num-captions 4` shared against separate requests
+    (bench/shared_captions.py), each in its own process on the same model; their lines for the report."""
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    from estimate import OUTPUT_TOKENS, describe, estimate
+
+    size = ["--quick"] if quick else []
+    found: dict[str, Any] = {}
+    for name, script, extra in (
+        ("input_thread", "input_thread.py", []),
+        ("shared_captions", "shared_captions.py", [] if quick else ["--side", "980"]),
+    ):
+        print(f"running {script} ...", flush=True)
+        result = work / f"{name}.json"
+        run_watched([sys.executable, str(ROOT / "bench" / script), "--model", model_path, *size, *extra,
+                     "--json", str(result)], env, [], work / f"{name}.log")
+        found[name] = json.loads(result.read_text())
+    gpu = [asdict(estimate(tokens, OUTPUT_TOKENS)) for tokens in (1280, 256)]
+    shared = found["shared_captions"]
+    lines = ["", f"input-thread ceiling of one engine (bench/input_thread.py), at {OUTPUT_TOKENS} output tokens:",
+             *found["input_thread"]["table"], "",
+             "H100 FLOP estimate (bench/gpu/estimate.py): " + describe(estimate(1280, OUTPUT_TOKENS)),
+             "", f"--num-captions 4 (bench/shared_captions.py): shared ÷ separate requests "
+             f"{shared['shared_over_separate']:.2f}x, captions identical seed for seed: {shared['identical']}"]
+    return {**found, "gpu_estimate": gpu, "lines": lines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id or model folder (default: build the tiny random Qwen2.5-VL)")
@@ -726,6 +779,10 @@ def main() -> None:
                         "(development: measuring one setting, e.g. --caprl-args='--workers 1 --max-repeats 0')")
     parser.add_argument("--corpus-dir", type=Path, default=ROOT / "build" / "bench-corpus")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--py-spy", type=Path, help="profile every contender's processes (and the server's) "
+                        "with this py-spy binary; collapsed stacks go next to --json (bench/profile_summary.py reads them)")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the input-thread ceiling and the --num-captions 4 sharing run that follow the contenders")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -746,6 +803,10 @@ def main() -> None:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     started = time.perf_counter()
+    if args.py_spy:
+        PROFILE["py_spy"] = args.py_spy
+        PROFILE["folder"] = (args.json.parent if args.json else ROOT / "build") / "profiles"
+        PROFILE["folder"].mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="caprl-bench-") as temp:
         work = Path(temp)
         if args.model:
@@ -785,6 +846,7 @@ def main() -> None:
         config_path = work / "config.json"
         config_path.write_text(json.dumps(config))
         results: dict[str, Result] = {}
+        extras = {} if args.no_extras or args.only else {"model": model_path}
         for name in [n for n in chosen if n not in SERVED]:
             print(f"running {name} ...", flush=True)
             if name == "caprl":
@@ -808,6 +870,8 @@ def main() -> None:
                     print(f"  {name}: {results[name].images_per_s:.2f} images/s", flush=True)
             finally:
                 stop_server(server)
+        if extras:
+            extras = run_extras(model_path, work, env, quick)
     equal, unequal = tokens_check(results)
     print()
     print(markdown_table(results))
@@ -815,6 +879,8 @@ def main() -> None:
     for line in target_lines(results):
         print(line)
     print("output tokens per image: " + ("equal" if equal else "NOT equal: " + "; ".join(unequal)))
+    for line in extras.get("lines", []):
+        print(line)
     print(f"total time: {time.perf_counter() - started:.0f}s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -830,6 +896,9 @@ def main() -> None:
             "machine": machine_facts(),
             "versions": versions(),
             "quick": quick,
+            "input_thread": extras.get("input_thread"),
+            "shared_captions": extras.get("shared_captions"),
+            "gpu_estimate": extras.get("gpu_estimate"),
             "total_s": round(time.perf_counter() - started, 1),
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
