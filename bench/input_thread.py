@@ -78,7 +78,7 @@ def measure(model: str, tokens: int, images: int, max_tokens: int, rounds: int) 
 
     from caprl_cli.engines.base import ImageRequest
     from caprl_cli.engines.vllm_engine import VllmEngine
-    from caprl_cli.execute.local import engine_spec, load_model
+    from caprl_cli.execute.job import engine_spec, load_model
     from caprl_cli.settings import CaptionSettings
 
     side = side_for(tokens)

@@ -65,7 +65,7 @@ def main() -> None:
 
     from caprl_cli.engines.base import ImageRequest
     from caprl_cli.engines.vllm_engine import VllmEngine
-    from caprl_cli.execute.local import engine_spec, load_model
+    from caprl_cli.execute.job import engine_spec, load_model
     from caprl_cli.settings import CaptionSettings
 
     with tempfile.TemporaryDirectory(prefix="caprl-shared-") as temp:
