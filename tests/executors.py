@@ -21,8 +21,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,20 +34,35 @@ BOUND_S = 300.0  # generous bound on any wait for an event; never an assertion o
 
 @dataclass(frozen=True)
 class Executor:
-    """One way to run the engines, as the CLI is told to use it."""
+    """One way to run the engines, as the CLI is told to use it: engine worker processes on this
+    machine, or Ray actors on a cluster the run joins by address (`cluster`, with the environment a
+    driver needs to reach it)."""
 
     name: str
-    args: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    cluster: Any = None  # a ray_nodes.RayNodes
 
     def engine_pids(self, run: TaggedRun) -> list[int]:
         """The run's live engine hosts: engine worker processes (in engine order), or Ray actors."""
-        if self.name == "ray":
-            return [pid for pid, command in run.processes() if command.startswith("ray::EngineActor")]
+        if self.cluster is not None:
+            from ray_nodes import command_line
+
+            return [pid for pid in self.cluster.processes() if command_line(pid).startswith("ray::EngineActor")]
         workers = engine_workers(run.process.pid)
         return [workers[name] for name in sorted(workers)]
 
+    def left_behind(self, run: TaggedRun) -> list[tuple[int, str]]:
+        """What is left of a run that ended: its own processes, and on a cluster its engine actors (the
+        cluster itself stays: it is not the run's)."""
+        left = run.left_behind()
+        deadline = time.monotonic() + 30
+        while self.cluster is not None and self.engine_pids(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left + [(pid, "ray::EngineActor") for pid in (self.engine_pids(run) if self.cluster else [])]
 
-EXECUTORS = (Executor("local", ()), Executor("ray", ("--executor", "ray")))
+
+LOCAL = Executor("local")
 
 
 def engine_workers(parent: int) -> dict[str, int]:

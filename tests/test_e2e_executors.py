@@ -1,12 +1,14 @@
 """Every executor keeps the same promises, end to end: the real CLI with two transformers engines on
-the CPU (`--num-engines 2`), as local engine worker processes and as Ray actors on a local Ray cluster
-the run starts itself, from one test body per behaviour. Engines are killed (SIGKILL) and frozen
+the CPU (`--num-engines 2`), as local engine worker processes and as Ray actors on a real Ray cluster
+(token-authenticated, started once for the module, joined by address), from one test body per
+behaviour. Engines are killed (SIGKILL) and frozen
 (SIGSTOP) with real signals, decoders crash and hang through their test hooks, a URL is held open by a
 real HTTP server on 127.0.0.1.
 
 Every run is tagged with an environment variable of its own and a temporary folder of its own (see
-`executors.py`), so its processes (engine workers, Ray actors, decode workers, the Ray cluster) are
-found, and "none is left afterwards" is checked, for that run alone.
+`executors.py`), so its processes (engine workers, decode workers, Ray actors) are found, and "none is
+left afterwards" is checked, for that run alone. A local Ray cluster the run starts itself is in
+test_e2e_ray.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import write_shard
 from executors import (
-    EXECUTORS,
+    LOCAL,
     Executor,
     StartRun,
     TaggedRun,
@@ -34,6 +36,8 @@ from executors import (
     wait_until,
 )
 from PIL import Image
+from ray_nodes import RayNodes
+from ray_nodes import ray_nodes as cluster_of_nodes
 
 ENGINE_ARGS = ("--engine", "transformers", "--max-tokens", "6", "--no-progress", "--num-engines", "2")
 IMAGES = 24
@@ -50,9 +54,21 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(params=EXECUTORS, ids=lambda executor: executor.name)
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[RayNodes]:
+    """One Ray cluster for the module's Ray runs (its start would otherwise be paid by every run)."""
+    pytest.importorskip("ray")
+    with cluster_of_nodes() as cluster:
+        cluster.start(num_cpus=2)  # two engine actors of half a CPU each, with room to restart one
+        yield cluster
+
+
+@pytest.fixture(params=["local", "ray"])
 def executor(request: pytest.FixtureRequest) -> Executor:
-    return request.param
+    if request.param == "local":
+        return LOCAL
+    cluster = request.getfixturevalue("shared_cluster")
+    return Executor("ray", ("--executor", "ray", "--ray-address", cluster.address), cluster.client_env(), cluster)
 
 
 def assert_every_key_once(output: Path, ok: int = IMAGES) -> dict[str, list[dict]]:
@@ -67,22 +83,26 @@ def caption(
     start: StartRun, executor: Executor, inputs: list[str | Path], output: Path, model: Path, *args: str, **env: str
 ) -> TaggedRun:
     """Start `caprl caption INPUTS -o OUTPUT` with two engines under `executor`."""
-    return start("caption", *inputs, "-o", output, "--model", model, *ENGINE_ARGS, *executor.args, *args, **env)
+    return start(
+        "caption", *inputs, "-o", output, "--model", model, *ENGINE_ARGS, *executor.args, *args, **executor.env, **env
+    )
 
 
-def finished(run: TaggedRun, expect: int = 0) -> str:
+def finished(run: TaggedRun, executor: Executor, expect: int = 0) -> str:
     """Wait for the run; check its exit code and that it left no process behind. Returns its stderr."""
     code, stderr = run.finish()
     assert code == expect, stderr
-    assert run.left_behind() == []
+    assert executor.left_behind(run) == []
     return stderr
 
 
-def test_two_engines_share_one_queue(folder: Path, tiny_model: Path, tagged_runs: StartRun, tmp_path: Path, executor: Executor) -> None:
+def test_two_engines_share_one_queue(
+    folder: Path, tiny_model: Path, tagged_runs: StartRun, tmp_path: Path, executor: Executor
+) -> None:
     output = tmp_path / "out.parquet"
     # Engine 0 is slowed down (a slow GPU): it must take fewer images than engine 1.
     run = caption(tagged_runs, executor, [folder], output, tiny_model, *SMALL_HOLDINGS, CAPRL_TEST_ENGINE_DELAY="0:2")
-    stderr = finished(run)
+    stderr = finished(run, executor)
     # Engine hosts print no library warnings at the default level: every line is caprl's.
     assert all(line.startswith("caprl: ") for line in stderr.splitlines() if line.strip()), stderr
     assert_every_key_once(output)
@@ -91,20 +111,6 @@ def test_two_engines_share_one_queue(folder: Path, tiny_model: Path, tagged_runs
     assert sum(engine["images"] for engine in engines) == IMAGES
     assert engines[0]["images"] < engines[1]["images"]
     assert all(engine["restarts"] == 0 for engine in engines)
-
-
-def test_resume_and_status_with_several_engines(
-    folder: Path, tiny_model: Path, tagged_runs: StartRun, run_caprl, tmp_path: Path, executor: Executor
-) -> None:
-    output = tmp_path / "out.parquet"
-    finished(caption(tagged_runs, executor, [folder], output, tiny_model, "--limit", "10"))
-    assert len(rows_by_key(output)) == 10
-    finished(caption(tagged_runs, executor, [folder], output, tiny_model))
-    assert_every_key_once(output)
-    assert summary_of(output)["run"]["images"] == IMAGES - 10
-    status = run_caprl("status", output, folder, "--json")
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["done"] == IMAGES
 
 
 def test_a_killed_engine_is_replaced_and_its_images_redone(
@@ -118,7 +124,7 @@ def test_a_killed_engine_is_replaced_and_its_images_redone(
     hosts = wait_until(lambda: len(executor.engine_pids(run)) == 2 and executor.engine_pids(run), run.process)
     wait_until(lambda: committed_parts(output), run.process)  # captioning is under way
     os.kill(hosts[0], signal.SIGKILL)
-    finished(run)
+    finished(run, executor)
     assert_every_key_once(output)
     engines = summary_of(output)["run"]["engines"]
     assert sum(engine["restarts"] for engine in engines) >= 1
@@ -137,7 +143,7 @@ def test_a_frozen_engine_is_replaced_after_the_stall_timeout(
     wait_until(lambda: committed_parts(output), run.process)
     frozen = hosts[1]
     os.kill(frozen, signal.SIGSTOP)
-    stderr = finished(run)
+    stderr = finished(run, executor)
     assert "no progress" in stderr
     assert_every_key_once(output)
     assert sum(engine["restarts"] for engine in summary_of(output)["run"]["engines"]) >= 1
@@ -148,27 +154,30 @@ def test_an_image_that_kills_the_engine_becomes_an_engine_error_row(
     folder: Path, tiny_model: Path, tagged_runs: StartRun, tmp_path: Path, executor: Executor
 ) -> None:
     output = tmp_path / "out.parquet"
-    finished(caption(tagged_runs, executor, [folder], output, tiny_model, CAPRL_TEST_ENGINE_CRASH="img05"))
+    finished(caption(tagged_runs, executor, [folder], output, tiny_model, CAPRL_TEST_ENGINE_CRASH="img05"), executor)
     rows = assert_every_key_once(output, ok=IMAGES - 1)
     crashed = rows["img05.jpg"][0]
     assert crashed["status"] == "error" and crashed["error"].startswith("engine: ")
     assert summary_of(output)["run"]["errors_by_kind"] == {"engine": 1}
 
 
-@pytest.mark.parametrize(("hook", "kind"), [("CAPRL_TEST_DECODER_CRASH", "decode"), ("CAPRL_TEST_DECODER_HANG", "timeout")])
-def test_a_decoder_that_crashes_or_hangs_costs_one_row(
-    folder: Path, tiny_model: Path, tagged_runs: StartRun, tmp_path: Path, executor: Executor, hook: str, kind: str
+def test_a_decoder_that_crashes_and_one_that_hangs_cost_one_row_each(
+    folder: Path, tiny_model: Path, tagged_runs: StartRun, tmp_path: Path, executor: Executor
 ) -> None:
-    """The engines' own decode workers (in the worker process or the Ray actor) die, or hang past
-    --decode-timeout, on one image: that image is a `decode` or `timeout` row, every other one is
-    captioned, and no engine is restarted for it."""
+    """The engines' own decode workers (in the worker process or the Ray actor) die on one image and
+    hang past --decode-timeout on another: those are a `decode` and a `timeout` row, every other image
+    is captioned, and no engine is restarted for them."""
     output = tmp_path / "out.parquet"
-    run = caption(tagged_runs, executor, [folder], output, tiny_model, "--workers", "2", "--decode-timeout", "5", **{hook: "img07"})
-    finished(run)
-    rows = assert_every_key_once(output, ok=IMAGES - 1)
-    assert rows["img07.jpg"][0]["error"].startswith(f"{kind}: ")
+    run = caption(
+        tagged_runs, executor, [folder], output, tiny_model, "--workers", "2", "--decode-timeout", "5",
+        CAPRL_TEST_DECODER_CRASH="img07", CAPRL_TEST_DECODER_HANG="img11",
+    )
+    finished(run, executor)
+    rows = assert_every_key_once(output, ok=IMAGES - 2)
+    assert rows["img07.jpg"][0]["error"].startswith("decode: ")
+    assert rows["img11.jpg"][0]["error"].startswith("timeout: ")
     summary = summary_of(output)["run"]
-    assert summary["errors_by_kind"] == {kind: 1}
+    assert summary["errors_by_kind"] == {"decode": 1, "timeout": 1}
     assert all(engine["restarts"] == 0 for engine in summary["engines"])
 
 
@@ -239,14 +248,16 @@ def test_a_slow_image_holds_up_neither_the_other_images_nor_the_run(
     wait_until(lambda: sorted(committed_keys(output)) == others, run.process)
     assert not held_image.released.is_set() and run.process.poll() is None  # the slow read is still held
 
-    second = run_caprl("caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, *executor.args)
+    second = run_caprl(
+        "caption", folder, "-o", output, "--model", tiny_model, *ENGINE_ARGS, *executor.args, env=executor.env
+    )
     assert second.returncode == 75, second.stderr
     status = run_caprl("status", output, held_image.url, folder, "--json")
     assert status.returncode == 0, status.stderr
     assert (json.loads(status.stdout)["done"], json.loads(status.stdout)["remaining"]) == (IMAGES, 1)
 
     held_image.released.set()
-    finished(run)
+    finished(run, executor)
     rows = rows_by_key(output)
     assert sorted(rows) == sorted([*others, held_image.url])
     assert all(len(found) == 1 and found[0]["status"] == "ok" for found in rows.values())
@@ -263,7 +274,7 @@ def test_a_url_that_trickles_is_a_timeout_row_that_holds_up_nothing(
         tagged_runs, executor, [held_image.url, folder], output, tiny_model,
         "--workers", "2", "--batch-size", "1", "--decode-timeout", "4",
     )
-    finished(run)
+    finished(run, executor)
     rows = rows_by_key(output)
     assert sorted(rows) == sorted([*(f"img{number:02d}.jpg" for number in range(IMAGES)), held_image.url])
     assert all(len(found) == 1 for found in rows.values())
@@ -277,7 +288,9 @@ def jpeg(number: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_webdataset_output_with_images(tiny_model: Path, tmp_path: Path, tagged_runs: StartRun, executor: Executor) -> None:
+def test_webdataset_output_with_images(
+    tiny_model: Path, tmp_path: Path, tagged_runs: StartRun, executor: Executor
+) -> None:
     """Shards in, WebDataset shards out holding each original image beside its caption, read back by
     `webdataset` itself: every key once, the image bytes those of the input."""
     import webdataset as wds
@@ -292,7 +305,7 @@ def test_webdataset_output_with_images(tiny_model: Path, tmp_path: Path, tagged_
     finished(caption(
         tagged_runs, executor, [tmp_path / "in" / "shard-{0..1}.tar"], out / "caps-%06d.tar",
         tiny_model, "--format", "webdataset", "--images",
-    ))
+    ), executor)
     read = {}
     for sample in wds.WebDataset(sorted(str(path) for path in out.glob("caps-*.tar")), shardshuffle=False):
         assert sample["__key__"] not in read
@@ -306,7 +319,7 @@ def test_sigterm_drains_then_a_resume_completes(
     folder: Path, tiny_model: Path, tmp_path: Path, tagged_runs: StartRun, run_caprl, executor: Executor
 ) -> None:
     """SIGTERM at the first committed row: exit 143 with the finished rows committed and published,
-    then a plain rerun captions exactly the rest."""
+    then a plain rerun captions exactly the rest, and `status` counts every image done."""
     output = tmp_path / "out.parquet"
     run = caption(
         tagged_runs, executor, [folder], output, tiny_model, *SMALL_HOLDINGS, pause_at="rows.first",
@@ -315,28 +328,32 @@ def test_sigterm_drains_then_a_resume_completes(
     run.wait_paused()
     run.process.send_signal(signal.SIGTERM)
     run.release()
-    finished(run, expect=143)
+    finished(run, executor, expect=143)
     done = committed_keys(output)
     assert 1 <= len(done) == len(set(done)) < IMAGES
     assert summary_of(output)["run"]["stopped_by"] == "sigterm"
-    finished(caption(tagged_runs, executor, [folder], output, tiny_model))
+    finished(caption(tagged_runs, executor, [folder], output, tiny_model), executor)
     assert_every_key_once(output)
     assert summary_of(output)["run"]["images"] == IMAGES - len(done)
+    status = run_caprl("status", output, folder, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["done"] == IMAGES
 
 
 def test_max_runtime_with_several_engines_exits_3_then_a_rerun_completes(
     folder: Path, tiny_model: Path, tagged_runs: StartRun, run_caprl, tmp_path: Path, executor: Executor
 ) -> None:
-    """At least 60 s of captioning (5 s per image, 24 images, two engines) cannot fit in 50 s, start-up
-    included: the deadline always leaves work, whatever the machine's speed; and 50 s leave two engines
-    time to load the model first even on a busy machine, a Ray cluster's start included (a deadline
-    that falls before captioning starts exits at once and writes no summary, see test_e2e_signals)."""
+    """At least 42 s of captioning (3.5 s per image, 24 images, two engines) cannot fit in 35 s,
+    start-up included: the deadline always leaves work, whatever the machine's speed; and 35 s leave
+    two engines time to load the model first, a Ray cluster's start included (a deadline that falls
+    before captioning starts exits at once and writes no summary, see test_e2e_signals)."""
     output = tmp_path / "out.parquet"
     finished(
         caption(
             tagged_runs, executor, [folder], output, tiny_model, "--flush-every", "1", *SMALL_HOLDINGS,
-            "--max-runtime", "50s", CAPRL_TEST_ENGINE_DELAY="*:5",
+            "--max-runtime", "35s", CAPRL_TEST_ENGINE_DELAY="*:3.5",
         ),
+        executor,
         expect=3,
     )
     assert summary_of(output)["run"]["stopped_by"] == "deadline"
@@ -347,6 +364,6 @@ def test_max_runtime_with_several_engines_exits_3_then_a_rerun_completes(
     counts = json.loads(status.stdout)
     assert (counts["done"], counts["remaining"]) == (len(done), IMAGES - len(done))
 
-    finished(caption(tagged_runs, executor, [folder], output, tiny_model))
+    finished(caption(tagged_runs, executor, [folder], output, tiny_model), executor)
     assert_every_key_once(output)
     assert summary_of(output)["run"]["images"] == IMAGES - len(done)

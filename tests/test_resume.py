@@ -260,15 +260,19 @@ def test_growing_folder_and_limit(tiny_model: Path, tmp_path: Path, run_caprl) -
 
 def test_max_runtime_exits_3_then_completes(tiny_model: Path, tmp_path: Path, run_caprl) -> None:
     images = tmp_path / "images"
-    names = [f"img{index:02d}.png" for index in range(60)]
+    # 150 captions of 256 tokens each, one at a time, with no loop stopping: far more than 15 s of work
+    # even on a quiet machine where the tiny model makes over a thousand tokens a second.
+    names = [f"img{index:03d}.png" for index in range(150)]
     make_images(images, names)
     output = tmp_path / "out.parquet"
-    partial = run_caprl("caption", images, "-o", output, "--model", tiny_model, *SLOW, "--max-runtime", "15s")
+    partial = run_caprl(
+        "caption", images, "-o", output, "--model", tiny_model, *SLOW, "--max-repeats", "0", "--max-runtime", "15s"
+    )
     assert partial.returncode == 3, partial.stderr
     assert summary(output)["run"]["stopped_by"] == "deadline"
     status = json.loads(run_caprl("status", output, images, "--json").stdout)
     assert status["remaining"] > 0 and status["done"] + status["remaining"] == len(names)
-    rest = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FINISH)
+    rest = run_caprl("caption", images, "-o", output, "--model", tiny_model, *FINISH, "--max-repeats", "0")
     assert rest.returncode == 0, rest.stderr
     assert sorted(row["key"] for row in read_rows(output)) == names
 
